@@ -1,0 +1,202 @@
+//! Merges a Space's spec with its repository's front matter (the spec wins)
+//! into the one configuration every component works from.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use super::duration;
+use super::front_matter::FrontMatter;
+use super::hardware::{self, Flavor};
+use super::resource::{Sdk, SpaceSpec};
+
+pub const DEFAULT_PYTHON_VERSION: &str = "3.10";
+pub const DEFAULT_STARTUP_TIMEOUT: Duration = Duration::from_secs(30 * 60);
+
+/// The effective configuration of a Space.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AppConfig {
+    pub sdk: Sdk,
+    pub sdk_version: Option<String>,
+    pub python_version: String,
+    /// Entry file; `None` for docker Spaces (the Dockerfile decides).
+    pub app_file: Option<String>,
+    pub app_port: u16,
+    pub base_path: String,
+    pub flavor: &'static Flavor,
+    /// `None`: never sleeps.
+    pub sleep_after: Option<Duration>,
+    pub startup_timeout: Duration,
+    pub title: Option<String>,
+    pub custom_headers: BTreeMap<String, String>,
+    pub preload_from_hub: Vec<String>,
+}
+
+/// A spec or front matter that cannot run; the message names the field.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{field}: {message}")]
+pub struct ConfigError {
+    /// `spec.hardware`, `README.md sdk`, ...
+    pub field: String,
+    pub message: String,
+}
+
+impl ConfigError {
+    fn new(field: &str, message: impl ToString) -> Self {
+        Self { field: field.to_owned(), message: message.to_string() }
+    }
+}
+
+/// Default listening port per SDK: what the hub's runtime expects.
+pub fn default_port(sdk: Sdk) -> u16 {
+    match sdk {
+        Sdk::Streamlit => 8501,
+        Sdk::Gradio | Sdk::Docker | Sdk::Static => 7860,
+    }
+}
+
+/// Resolves the effective configuration. `front_matter` is `None` for a
+/// Space that runs a prebuilt image (or before its repository is read):
+/// then the spec alone decides, and `sdk` defaults to `docker` for images.
+pub fn resolve(spec: &SpaceSpec, front_matter: Option<&FrontMatter>) -> Result<AppConfig, ConfigError> {
+    let fm = front_matter.cloned().unwrap_or_default();
+    let sdk = match (spec.sdk, fm.sdk) {
+        (Some(sdk), _) | (None, Some(sdk)) => sdk,
+        (None, None) if spec.image.is_some() => Sdk::Docker,
+        (None, None) => {
+            return Err(ConfigError::new(
+                "spec.sdk",
+                "not set, and the repository's README.md front matter has no `sdk`",
+            ));
+        }
+    };
+    let flavor = hardware::lookup(&spec.hardware).map_err(|e| ConfigError::new("spec.hardware", e))?;
+    let app_port = match spec.app_port {
+        Some(p) => u16::try_from(p)
+            .ok()
+            .filter(|p| *p != 0)
+            .ok_or_else(|| ConfigError::new("spec.appPort", format!("{p} is not a port (1-65535)")))?,
+        None => fm.app_port.map_or(default_port(sdk), u16::from),
+    };
+    let sleep_after = match &spec.sleep_after {
+        Some(s) => duration::parse_sleep(s).map_err(|e| ConfigError::new("spec.sleepAfter", e))?,
+        None => flavor.default_sleep_after,
+    };
+    let startup_timeout = match (&spec.startup_timeout, &fm.startup_duration_timeout) {
+        (Some(s), _) => duration::parse(s).map_err(|e| ConfigError::new("spec.startupTimeout", e))?,
+        (None, Some(s)) => duration::parse(s).map_err(|e| ConfigError::new("README.md startup_duration_timeout", e))?,
+        (None, None) => DEFAULT_STARTUP_TIMEOUT,
+    };
+    let base_path = spec.base_path.clone().or(fm.base_path).unwrap_or_else(|| "/".to_owned());
+    if !base_path.starts_with('/') {
+        return Err(ConfigError::new("base_path", format!("{base_path:?} must start with '/'")));
+    }
+    let app_file = spec.app_file.clone().or(fm.app_file).or_else(|| match sdk {
+        Sdk::Gradio | Sdk::Streamlit => Some("app.py".to_owned()),
+        Sdk::Static => Some("index.html".to_owned()),
+        Sdk::Docker => None,
+    });
+    if let Some(file) = &app_file
+        && (file.starts_with('/') || file.split('/').any(|part| part == ".."))
+    {
+        return Err(ConfigError::new("app_file", format!("{file:?} must be a relative path inside the repository")));
+    }
+    Ok(AppConfig {
+        sdk,
+        sdk_version: spec.sdk_version.clone().or(fm.sdk_version),
+        python_version: spec
+            .python_version
+            .clone()
+            .or(fm.python_version)
+            .unwrap_or_else(|| DEFAULT_PYTHON_VERSION.to_owned()),
+        app_file,
+        app_port,
+        base_path,
+        flavor,
+        sleep_after,
+        startup_timeout,
+        title: fm.title,
+        custom_headers: fm.custom_headers,
+        preload_from_hub: fm.preload_from_hub,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::space::resource::GitSource;
+
+    fn git_spec() -> SpaceSpec {
+        SpaceSpec {
+            source: Some(GitSource { git: "file:///repo".into(), revision: "main".into(), credentials_secret: None }),
+            hardware: "cpu-basic".into(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn spec_wins_over_front_matter() {
+        let fm = FrontMatter {
+            sdk: Some(Sdk::Gradio),
+            sdk_version: Some("4.36.1".into()),
+            app_file: Some("main.py".into()),
+            app_port: std::num::NonZeroU16::new(9000),
+            startup_duration_timeout: Some("1h".into()),
+            ..Default::default()
+        };
+        let spec = SpaceSpec {
+            sdk_version: Some("5.0.0".into()),
+            app_port: Some(7000),
+            hardware: "t4-small".into(),
+            sleep_after: Some("15m".into()),
+            ..git_spec()
+        };
+        let cfg = resolve(&spec, Some(&fm)).expect("valid");
+        assert_eq!(cfg.sdk, Sdk::Gradio);
+        assert_eq!(cfg.sdk_version.as_deref(), Some("5.0.0"));
+        assert_eq!(cfg.app_file.as_deref(), Some("main.py"));
+        assert_eq!(cfg.app_port, 7000);
+        assert_eq!(cfg.flavor.name, "t4-small");
+        assert_eq!(cfg.sleep_after, Some(Duration::from_secs(900)));
+        assert_eq!(cfg.startup_timeout, Duration::from_secs(3600));
+        assert_eq!(cfg.python_version, "3.10");
+        assert_eq!(cfg.base_path, "/");
+    }
+
+    #[test]
+    fn defaults_per_sdk_and_flavor() {
+        let streamlit = FrontMatter { sdk: Some(Sdk::Streamlit), ..Default::default() };
+        let cfg = resolve(&git_spec(), Some(&streamlit)).expect("valid");
+        assert_eq!((cfg.app_port, cfg.app_file.as_deref()), (8501, Some("app.py")));
+        assert_eq!(cfg.sleep_after, Some(Duration::from_secs(48 * 3600)));
+        assert_eq!(cfg.startup_timeout, DEFAULT_STARTUP_TIMEOUT);
+        let image = SpaceSpec {
+            source: None,
+            image: Some("r/app:1".into()),
+            hardware: "cpu-upgrade".into(),
+            ..Default::default()
+        };
+        let cfg = resolve(&image, None).expect("valid");
+        assert_eq!((cfg.sdk, cfg.app_port, cfg.app_file, cfg.sleep_after), (Sdk::Docker, 7860, None, None));
+    }
+
+    #[test]
+    fn errors_name_the_field() {
+        let err = |spec: SpaceSpec, fm: Option<FrontMatter>| resolve(&spec, fm.as_ref()).expect_err("invalid").field;
+        let gradio = Some(FrontMatter { sdk: Some(Sdk::Gradio), ..Default::default() });
+        assert_eq!(err(git_spec(), None), "spec.sdk");
+        assert_eq!(err(SpaceSpec { hardware: "h100".into(), ..git_spec() }, gradio.clone()), "spec.hardware");
+        assert_eq!(
+            err(SpaceSpec { sleep_after: Some("soon".into()), ..git_spec() }, gradio.clone()),
+            "spec.sleepAfter"
+        );
+        assert_eq!(
+            err(SpaceSpec { startup_timeout: Some("1x".into()), ..git_spec() }, gradio.clone()),
+            "spec.startupTimeout"
+        );
+        assert_eq!(err(SpaceSpec { app_port: Some(70000), ..git_spec() }, gradio.clone()), "spec.appPort");
+        assert_eq!(err(SpaceSpec { app_file: Some("../etc/passwd".into()), ..git_spec() }, gradio.clone()), "app_file");
+        assert_eq!(err(SpaceSpec { base_path: Some("docs".into()), ..git_spec() }, gradio), "base_path");
+        let msg = resolve(&SpaceSpec { sdk: Some(Sdk::Gradio), hardware: "h100".into(), ..git_spec() }, None).expect_err("invalid");
+        assert!(msg.to_string().starts_with("spec.hardware: unknown hardware flavor \"h100\""), "{msg}");
+    }
+}

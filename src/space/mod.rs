@@ -1,0 +1,16 @@
+//! The Space API: the custom resource, the hardware catalog, README front
+//! matter and the merge of both into an [`AppConfig`]. Pure: no I/O here.
+
+pub mod app_config;
+pub mod duration;
+pub mod front_matter;
+pub mod hardware;
+pub mod resource;
+
+pub use app_config::{AppConfig, ConfigError, resolve};
+pub use front_matter::{FrontMatter, FrontMatterError};
+pub use hardware::Flavor;
+pub use resource::{
+    BuildStatus, GitSource, HardwareStatus, ReplicaStatus, Sdk, SecretKeyRef, Space, SpaceSecret, SpaceSpec,
+    SpaceStatus, Stage, Visibility, crd_yaml,
+};
