@@ -196,7 +196,8 @@ mod tests {
         assert_eq!(err(SpaceSpec { app_port: Some(70000), ..git_spec() }, gradio.clone()), "spec.appPort");
         assert_eq!(err(SpaceSpec { app_file: Some("../etc/passwd".into()), ..git_spec() }, gradio.clone()), "app_file");
         assert_eq!(err(SpaceSpec { base_path: Some("docs".into()), ..git_spec() }, gradio), "base_path");
-        let msg = resolve(&SpaceSpec { sdk: Some(Sdk::Gradio), hardware: "h100".into(), ..git_spec() }, None).expect_err("invalid");
+        let msg = resolve(&SpaceSpec { sdk: Some(Sdk::Gradio), hardware: "h100".into(), ..git_spec() }, None)
+            .expect_err("invalid");
         assert!(msg.to_string().starts_with("spec.hardware: unknown hardware flavor \"h100\""), "{msg}");
     }
 }

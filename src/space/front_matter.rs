@@ -144,13 +144,34 @@ fn fenced_yaml(readme: &str) -> Result<(&str, usize, usize), FrontMatterError> {
     Err(FrontMatterError::Unterminated { start: 1 })
 }
 
-/// serde_yaml's messages end in " at line L column C" and may start with the
-/// key path: both are said separately in our errors.
+/// serde_yaml's messages carry " at line L column C" (YAML-relative, so
+/// wrong for README.md) and may start with the key path: both are said
+/// separately in our errors, so they are cut out here.
 fn bare_message(err: &serde_yaml_ng::Error, key: &str) -> String {
     let text = err.to_string();
-    let text = text.split(" at line ").next().unwrap_or(&text);
-    let text = text.strip_prefix(&format!("{key}: ")).unwrap_or(text);
-    text.to_owned()
+    let mut text = text.strip_prefix(&format!("{key}: ")).unwrap_or(&text).to_owned();
+    while let Some(at) = text.find(" at line ") {
+        let rest = &text[at + " at line ".len()..];
+        let digits = |s: &str| s.bytes().take_while(u8::is_ascii_digit).count();
+        let line_len = digits(rest);
+        let Some(after) = rest[line_len..].strip_prefix(" column ") else { break };
+        let end = at + " at line ".len() + line_len + " column ".len() + digits(after);
+        text.replace_range(at..end, "");
+    }
+    text
+}
+
+/// The YAML line of each top-level key. serde_yaml locates errors raised by
+/// our own validators at the start of the mapping, so those need this.
+fn top_level_key_lines(yaml: &str) -> BTreeMap<&str, usize> {
+    yaml.lines()
+        .enumerate()
+        .filter(|(_, l)| !l.starts_with([' ', '\t', '#', '-']))
+        .filter_map(|(i, l)| {
+            let key = l.split_once(':')?.0.trim().trim_matches(['"', '\'']);
+            Some((key, i + 1))
+        })
+        .collect()
 }
 
 /// Parses README.md's front matter. Unknown keys are kept and logged, never fatal.
@@ -177,8 +198,14 @@ pub fn parse(readme: &str) -> Result<FrontMatter, FrontMatterError> {
         Err(e) => {
             let key = e.path().to_string();
             let inner = e.into_inner();
+            let top_key = key.split(['.', '[']).next().unwrap_or_default();
+            // A value's error cannot sit above its key: the later of the two is right.
+            let yaml_line = inner
+                .location()
+                .map_or(1, |l| l.line())
+                .max(top_level_key_lines(yaml).get(top_key).copied().unwrap_or(1));
             return Err(FrontMatterError::InvalidValue {
-                line: readme_line(inner.location().map_or(1, |l| l.line())),
+                line: readme_line(yaml_line),
                 message: bare_message(&inner, &key),
                 key,
             });
