@@ -2,9 +2,15 @@
 #![deny(warnings)]
 #![forbid(unsafe_code)]
 
+pub mod builder;
 pub mod cli;
 pub mod error;
+pub mod local;
+pub mod operator;
+pub mod proxy;
+pub mod runtime;
 pub mod space;
 pub mod telemetry;
+pub mod webhook;
 
 pub use error::{Error, Result};

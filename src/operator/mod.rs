@@ -1,0 +1,1 @@
+//! The Kubernetes controller for `Space`: load -> validate -> render (pure) -> apply -> status.

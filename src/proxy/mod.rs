@@ -1,0 +1,1 @@
+//! Routes each Space's traffic, counts activity, and holds requests while a Space wakes.

@@ -1,0 +1,1 @@
+//! Where Spaces run: Kubernetes workloads or local Docker containers, behind one trait.

@@ -1,0 +1,1 @@
+//! The hub webhook receiver: a push to a Space's repository triggers a rebuild.
