@@ -5,6 +5,7 @@ pub mod app_config;
 pub mod duration;
 pub mod front_matter;
 pub mod hardware;
+pub mod naming;
 pub mod resource;
 
 pub use app_config::{AppConfig, ConfigError, resolve};
