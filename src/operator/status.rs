@@ -1,0 +1,342 @@
+//! Where a Space stands: a pure function from observed facts (spec, config,
+//! build, activity, Deployment, pods) to the status the operator writes.
+
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use k8s_openapi::jiff::Timestamp;
+
+use super::render::{HARDWARE_ANNOTATION, TEMPLATE_LABEL};
+use crate::space::{HardwareStatus, ReplicaStatus, SpaceStatus, Stage};
+
+pub const READY: &str = "Ready";
+pub const SCHEDULED: &str = "Scheduled";
+
+/// Container states that mean the app cannot run until something changes.
+const RUNTIME_FAILURES: &[&str] = &[
+    "CrashLoopBackOff",
+    "ErrImagePull",
+    "ImagePullBackOff",
+    "InvalidImageName",
+    "CreateContainerConfigError",
+    "CreateContainerError",
+    "RunContainerError",
+];
+
+/// What the build side knows about the Space's image.
+#[derive(Debug, Clone, PartialEq)]
+pub enum BuildView {
+    /// Nothing to build (prebuilt image) or the last build is current.
+    Idle,
+    Building { message: String },
+    Failed { stage: Stage, message: String },
+}
+
+/// Everything the status is derived from.
+#[derive(Debug, Clone)]
+pub struct Facts<'a> {
+    pub generation: Option<i64>,
+    /// A configuration error: `(stage, message)` (`CONFIG_ERROR` or `NO_APP_FILE`).
+    pub config_error: Option<(Stage, String)>,
+    pub paused: bool,
+    pub asleep: bool,
+    pub build: BuildView,
+    /// The image the Space runs, once there is one.
+    pub image: Option<String>,
+    pub hardware_requested: &'a str,
+    pub replicas_requested: i32,
+    pub url: Option<String>,
+    pub deployment: Option<&'a Deployment>,
+    /// Template hash of the Deployment as rendered now.
+    pub template_hash: Option<&'a str>,
+    pub pods: &'a [Pod],
+    pub previous: Option<&'a SpaceStatus>,
+    pub now: Timestamp,
+}
+
+fn is_ready(pod: &Pod) -> bool {
+    pod.status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+}
+
+fn pod_template(pod: &Pod) -> Option<&str> {
+    pod.metadata.labels.as_ref()?.get(TEMPLATE_LABEL).map(String::as_str)
+}
+
+/// The scheduler's verdict for a pending pod, e.g. "0/4 nodes are available: ... Insufficient nvidia.com/gpu".
+fn unschedulable(pod: &Pod) -> Option<String> {
+    let conditions = pod.status.as_ref()?.conditions.as_ref()?;
+    let c = conditions.iter().find(|c| c.type_ == "PodScheduled" && c.status == "False")?;
+    (c.reason.as_deref() == Some("Unschedulable")).then(|| c.message.clone().unwrap_or_default())
+}
+
+/// The container's failure: "CrashLoopBackOff: back-off 10s restarting ... (last exit: Error, code 1)".
+fn runtime_failure(pod: &Pod) -> Option<String> {
+    let statuses = pod.status.as_ref()?.container_statuses.as_ref()?;
+    statuses.iter().find_map(|cs| {
+        let waiting = cs.state.as_ref()?.waiting.as_ref()?;
+        let reason = waiting.reason.as_deref()?;
+        if !RUNTIME_FAILURES.contains(&reason) {
+            return None;
+        }
+        let mut text = format!("container {}: {reason}", cs.name);
+        if let Some(message) = waiting.message.as_deref().filter(|m| !m.is_empty()) {
+            text.push_str(&format!(": {message}"));
+        }
+        if let Some(t) = cs.last_state.as_ref().and_then(|s| s.terminated.as_ref()) {
+            text.push_str(&format!(
+                " (last exit: {}, code {})",
+                t.reason.as_deref().unwrap_or("unknown"),
+                t.exit_code
+            ));
+        }
+        Some(text)
+    })
+}
+
+fn condition(type_: &str, ok: bool, reason: &str, message: String, facts: &Facts) -> Condition {
+    let status = if ok { "True" } else { "False" }.to_owned();
+    // Keep the transition time unless the status flipped: a status that only
+    // restates itself must not change, or every pass would write it again.
+    let since = facts
+        .previous
+        .and_then(|p| p.conditions.iter().find(|c| c.type_ == type_ && c.status == status))
+        .map_or(Time(facts.now), |c| c.last_transition_time.clone());
+    Condition {
+        type_: type_.to_owned(),
+        status,
+        reason: reason.to_owned(),
+        message,
+        last_transition_time: since,
+        observed_generation: facts.generation,
+    }
+}
+
+fn stage_name(stage: Stage) -> String {
+    serde_json::to_value(stage).ok().and_then(|v| v.as_str().map(str::to_owned)).unwrap_or_default()
+}
+
+/// Derives the status. Deterministic: the same facts give the same status.
+pub fn derive(facts: &Facts) -> SpaceStatus {
+    let pods: Vec<&Pod> = facts.pods.iter().filter(|p| p.metadata.deletion_timestamp.is_none()).collect();
+    let current: Vec<&Pod> =
+        pods.iter().copied().filter(|p| facts.template_hash.is_some() && pod_template(p) == facts.template_hash).collect();
+    let ready: Vec<&Pod> = pods.iter().copied().filter(|p| is_ready(p)).collect();
+    let current_ready = current.iter().any(|p| is_ready(p));
+    let serving = !ready.is_empty();
+    let pending = current.iter().find_map(|p| unschedulable(p));
+    let failure = current.iter().find_map(|p| runtime_failure(p));
+
+    let (stage, message) = if let Some((stage, message)) = &facts.config_error {
+        (*stage, message.clone())
+    } else if facts.paused {
+        (Stage::Paused, "paused by its owner; traffic does not wake it".to_owned())
+    } else if let BuildView::Failed { stage, message } = &facts.build {
+        (*stage, message.clone())
+    } else if let BuildView::Building { message } = &facts.build {
+        if serving { (Stage::RunningBuilding, message.clone()) } else { (Stage::Building, message.clone()) }
+    } else if facts.image.is_none() {
+        (Stage::Building, "waiting for an image".to_owned())
+    } else if facts.asleep {
+        (Stage::Sleeping, "asleep after its idle time; the next request wakes it".to_owned())
+    } else if current_ready {
+        (Stage::Running, "ready".to_owned())
+    } else if let Some(failure) = failure {
+        (Stage::RuntimeError, failure)
+    } else if let Some(reason) = &pending {
+        let stage = if serving { Stage::RunningAppStarting } else { Stage::AppStarting };
+        (stage, format!("waiting for hardware {}: {reason}", facts.hardware_requested))
+    } else if serving {
+        (Stage::RunningAppStarting, "new version starting; the previous one serves".to_owned())
+    } else {
+        (Stage::AppStarting, "starting".to_owned())
+    };
+
+    let mut conditions = vec![condition(READY, stage.is_serving(), &stage_name(stage), message.clone(), facts)];
+    if let Some(reason) = pending {
+        conditions.push(condition(SCHEDULED, false, "Unschedulable", reason, facts));
+    } else if !current.is_empty() {
+        conditions.push(condition(SCHEDULED, true, "Scheduled", "pods are placed on nodes".to_owned(), facts));
+    }
+
+    let current_hardware = ready
+        .iter()
+        .find(|p| pod_template(p) == facts.template_hash)
+        .or(ready.first())
+        .and_then(|p| p.metadata.annotations.as_ref()?.get(HARDWARE_ANNOTATION).cloned());
+    let ready_replicas =
+        facts.deployment.and_then(|d| d.status.as_ref()).and_then(|s| s.ready_replicas).unwrap_or(0);
+
+    SpaceStatus {
+        stage: Some(stage),
+        message: Some(message),
+        conditions,
+        observed_generation: facts.generation,
+        url: facts.url.clone(),
+        image: facts.image.clone(),
+        hardware: Some(HardwareStatus {
+            requested: Some(facts.hardware_requested.to_owned()),
+            current: current_hardware,
+        }),
+        replicas: Some(ReplicaStatus { requested: facts.replicas_requested, current: ready_replicas }),
+        build: facts.previous.and_then(|p| p.build.clone()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::api::core::v1::{
+        ContainerState, ContainerStateTerminated, ContainerStateWaiting, ContainerStatus, PodCondition, PodStatus,
+    };
+    use std::collections::BTreeMap;
+
+    const HASH: &str = "abc";
+
+    fn pod(template: &str, flavor: &str, conditions: &[(&str, &str, Option<&str>, Option<&str>)]) -> Pod {
+        let mut pod = Pod::default();
+        pod.metadata.labels = Some(BTreeMap::from([(TEMPLATE_LABEL.to_owned(), template.to_owned())]));
+        pod.metadata.annotations = Some(BTreeMap::from([(HARDWARE_ANNOTATION.to_owned(), flavor.to_owned())]));
+        pod.status = Some(PodStatus {
+            conditions: Some(
+                conditions
+                    .iter()
+                    .map(|(t, s, reason, message)| PodCondition {
+                        type_: (*t).into(),
+                        status: (*s).into(),
+                        reason: reason.map(Into::into),
+                        message: message.map(Into::into),
+                        ..Default::default()
+                    })
+                    .collect(),
+            ),
+            ..Default::default()
+        });
+        pod
+    }
+
+    fn facts<'a>(pods: &'a [Pod]) -> Facts<'a> {
+        Facts {
+            generation: Some(3),
+            config_error: None,
+            paused: false,
+            asleep: false,
+            build: BuildView::Idle,
+            image: Some("reg/app:1".into()),
+            hardware_requested: "t4-small",
+            replicas_requested: 1,
+            url: Some("https://alice-app.hf.test/".into()),
+            deployment: None,
+            template_hash: Some(HASH),
+            pods,
+            previous: None,
+            now: Timestamp::from_second(1_700_000_000).expect("valid time"),
+        }
+    }
+
+    fn stage(f: &Facts) -> (Stage, String) {
+        let s = derive(f);
+        (s.stage.expect("a stage"), s.message.expect("a message"))
+    }
+
+    #[test]
+    fn precedence_of_config_pause_build_and_sleep() {
+        let pods = [];
+        let base = facts(&pods);
+        let f = Facts { config_error: Some((Stage::ConfigError, "spec.hardware: unknown".into())), ..base.clone() };
+        assert_eq!(stage(&f), (Stage::ConfigError, "spec.hardware: unknown".into()));
+        assert_eq!(stage(&Facts { paused: true, ..base.clone() }).0, Stage::Paused);
+        let failed = BuildView::Failed { stage: Stage::BuildError, message: "pip failed".into() };
+        assert_eq!(stage(&Facts { build: failed, ..base.clone() }), (Stage::BuildError, "pip failed".into()));
+        let building = BuildView::Building { message: "building abc".into() };
+        assert_eq!(stage(&Facts { build: building, ..base.clone() }).0, Stage::Building);
+        assert_eq!(stage(&Facts { image: None, ..base.clone() }).0, Stage::Building);
+        assert_eq!(stage(&Facts { asleep: true, ..base.clone() }).0, Stage::Sleeping);
+        assert_eq!(stage(&base), (Stage::AppStarting, "starting".into()));
+    }
+
+    #[test]
+    fn running_and_hardware_current() {
+        let pods = [pod(HASH, "t4-small", &[("PodScheduled", "True", None, None), ("Ready", "True", None, None)])];
+        let s = derive(&facts(&pods));
+        assert_eq!(s.stage, Some(Stage::Running));
+        let hw = s.hardware.expect("hardware");
+        assert_eq!((hw.requested.as_deref(), hw.current.as_deref()), (Some("t4-small"), Some("t4-small")));
+        let ready = &s.conditions[0];
+        assert_eq!((ready.type_.as_str(), ready.status.as_str(), ready.reason.as_str()), ("Ready", "True", "RUNNING"));
+        assert_eq!(s.observed_generation, Some(3));
+    }
+
+    #[test]
+    fn unschedulable_gpu_space_says_why() {
+        let why = "0/5 nodes are available: 5 Insufficient nvidia.com/gpu.";
+        let pods = [pod(HASH, "t4-small", &[("PodScheduled", "False", Some("Unschedulable"), Some(why))])];
+        let s = derive(&facts(&pods));
+        assert_eq!(s.stage, Some(Stage::AppStarting));
+        let scheduled = s.conditions.iter().find(|c| c.type_ == SCHEDULED).expect("Scheduled condition");
+        assert_eq!((scheduled.status.as_str(), scheduled.reason.as_str()), ("False", "Unschedulable"));
+        assert_eq!(scheduled.message, why);
+        assert!(s.message.expect("message").contains("Insufficient nvidia.com/gpu"));
+    }
+
+    #[test]
+    fn hardware_change_rolls_out_while_the_old_pod_serves() {
+        let pods = [
+            pod("old", "t4-small", &[("Ready", "True", None, None)]),
+            pod(HASH, "a10g-large", &[("PodScheduled", "True", None, None)]),
+        ];
+        let f = Facts { hardware_requested: "a10g-large", ..facts(&pods) };
+        let s = derive(&f);
+        assert_eq!(s.stage, Some(Stage::RunningAppStarting));
+        let hw = s.hardware.expect("hardware");
+        assert_eq!((hw.requested.as_deref(), hw.current.as_deref()), (Some("a10g-large"), Some("t4-small")));
+    }
+
+    #[test]
+    fn crash_loop_is_a_runtime_error_with_the_reason() {
+        let mut p = pod(HASH, "cpu-basic", &[("PodScheduled", "True", None, None), ("Ready", "False", None, None)]);
+        if let Some(status) = p.status.as_mut() {
+            status.container_statuses = Some(vec![ContainerStatus {
+                name: "app".into(),
+                state: Some(ContainerState {
+                    waiting: Some(ContainerStateWaiting {
+                        reason: Some("CrashLoopBackOff".into()),
+                        message: Some("back-off 10s restarting failed container".into()),
+                    }),
+                    ..Default::default()
+                }),
+                last_state: Some(ContainerState {
+                    terminated: Some(ContainerStateTerminated {
+                        reason: Some("Error".into()),
+                        exit_code: 1,
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }]);
+        }
+        let pods = [p];
+        assert_eq!(
+            stage(&facts(&pods)),
+            (
+                Stage::RuntimeError,
+                "container app: CrashLoopBackOff: back-off 10s restarting failed container (last exit: Error, code 1)"
+                    .into()
+            )
+        );
+    }
+
+    #[test]
+    fn restating_a_status_keeps_its_timestamps() {
+        let pods = [pod(HASH, "t4-small", &[("Ready", "True", None, None)])];
+        let first = derive(&facts(&pods));
+        let later = Timestamp::from_second(1_700_000_600).expect("valid time");
+        let again = derive(&Facts { previous: Some(&first), now: later, ..facts(&pods) });
+        assert_eq!(first, again, "an unchanged Space derives an identical status");
+        let asleep = derive(&Facts { previous: Some(&first), now: later, asleep: true, ..facts(&pods) });
+        assert_eq!(asleep.conditions[0].last_transition_time, Time(later));
+    }
+}
