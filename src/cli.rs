@@ -34,7 +34,7 @@ pub enum Command {
     Proxy,
     /// Run the hub webhook receiver: a push to a Space's repository rebuilds
     /// and redeploys it.
-    Webhook,
+    Webhook(crate::webhook::WebhookArgs),
     /// Local mode: build and run the Spaces of a folder on this machine's
     /// Docker engine, served through the proxy; no cluster needed.
     Up {
@@ -75,7 +75,7 @@ fn run(command: Command) -> crate::Result<()> {
         }
         Command::Operator => Err(crate::Error::NotImplemented("`hangar operator` (issue 5)")),
         Command::Proxy => Err(crate::Error::NotImplemented("`hangar proxy` (issue 7)")),
-        Command::Webhook => Err(crate::Error::NotImplemented("`hangar webhook` (issue 6)")),
+        Command::Webhook(args) => tokio::runtime::Runtime::new()?.block_on(crate::webhook::serve(args)),
         Command::Up { .. } => Err(crate::Error::NotImplemented("`hangar up` (issue 8)")),
     }
 }

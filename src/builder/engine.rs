@@ -1,0 +1,243 @@
+//! The Docker engine side of a build, through bollard: look an image up,
+//! build a context with the classic builder, push, read the digest.
+//!
+//! Why the classic builder: bollard 0.21 reaches the engine's BuildKit only
+//! through a session that offers auth and file sync, not the secrets service
+//! `RUN --mount=type=secret` needs; the gRPC drivers that do offer it want a
+//! `moby/buildkit` container or give no build output to stream. So builds get
+//! no secrets at all (variables only, as build args), and Space secrets are
+//! injected as environment at run time: nothing secret can reach a layer.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::time::Duration;
+
+use bollard::Docker;
+use bollard::auth::DockerCredentials;
+use bollard::query_parameters::{
+    BuildImageOptionsBuilder, BuilderVersion, PushImageOptionsBuilder, TagImageOptionsBuilder,
+};
+use futures::StreamExt;
+use tokio_util::io::ReaderStream;
+
+/// Registry login for pushes.
+#[derive(Clone, PartialEq, Eq)]
+pub struct RegistryCredentials {
+    pub username: String,
+    pub password: String,
+}
+
+impl std::fmt::Debug for RegistryCredentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RegistryCredentials")
+            .field("username", &self.username)
+            .field("password", &"<redacted>")
+            .finish()
+    }
+}
+
+/// An engine call failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct EngineError(pub String);
+
+impl From<bollard::errors::Error> for EngineError {
+    fn from(e: bollard::errors::Error) -> Self {
+        EngineError(e.to_string())
+    }
+}
+
+/// A build that failed: the engine's message and the step it failed in.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StepFailure {
+    /// `Step 3/9 : RUN pip install ...`, when the output named one.
+    pub step: Option<String>,
+    pub message: String,
+}
+
+/// Connection to one engine (and the registry it pushes to).
+#[derive(Clone)]
+pub struct Engine {
+    docker: Docker,
+    credentials: Option<DockerCredentials>,
+}
+
+impl Engine {
+    /// Connects to `docker_host` (`unix://...`, `tcp://...`; `None`: `DOCKER_HOST`
+    /// or the default socket) and negotiates the API version (Engine 20.10
+    /// speaks 1.41, older than bollard's default). `request_timeout` bounds
+    /// every call, builds included.
+    pub async fn connect(
+        docker_host: Option<&str>,
+        request_timeout: Duration,
+        credentials: Option<&RegistryCredentials>,
+    ) -> Result<Self, EngineError> {
+        let host = match docker_host {
+            Some(h) => h.to_owned(),
+            None => std::env::var("DOCKER_HOST").unwrap_or_else(|_| "unix:///var/run/docker.sock".to_owned()),
+        };
+        let secs = request_timeout.as_secs().max(1);
+        let docker = if let Some(path) = host.strip_prefix("unix://") {
+            Docker::connect_with_unix(path, secs, bollard::API_DEFAULT_VERSION)?
+        } else if host.starts_with("tcp://") || host.starts_with("http://") {
+            Docker::connect_with_http(&host, secs, bollard::API_DEFAULT_VERSION)?
+        } else {
+            return Err(EngineError(format!("unsupported DOCKER_HOST {host:?} (use unix:// or tcp://)")));
+        };
+        let docker = docker
+            .negotiate_version()
+            .await
+            .map_err(|e| EngineError(format!("cannot reach the Docker engine at {host}: {e}")))?;
+        let credentials = credentials.map(|c| DockerCredentials {
+            username: Some(c.username.clone()),
+            password: Some(c.password.clone()),
+            ..Default::default()
+        });
+        Ok(Self { docker, credentials })
+    }
+
+    /// The bollard client (for the caller's own engine calls, e.g. run logs).
+    pub fn docker(&self) -> &Docker {
+        &self.docker
+    }
+
+    /// The digest (`sha256:...`) of `repository:tag` if it is already pushed:
+    /// first from the engine's own record of a push, else asking the registry.
+    pub async fn pushed_digest(&self, repository: &str, tag: &str) -> Option<String> {
+        let reference = format!("{repository}:{tag}");
+        if let Ok(image) = self.docker.inspect_image(&reference).await
+            && let Some(d) = repo_digest(image.repo_digests.as_deref().unwrap_or_default(), repository)
+        {
+            return Some(d);
+        }
+        // Not known locally (another builder made it, or the engine was pruned).
+        let found = self.docker.inspect_registry_image(&reference, self.credentials.clone()).await.ok()?;
+        found.descriptor.digest
+    }
+
+    /// Builds `context_tar` (streamed from disk) into `tag`; every output
+    /// line goes to `on_line`. Returns the image id.
+    pub async fn build(
+        &self,
+        context_tar: &Path,
+        dockerfile: &str,
+        tag: &str,
+        build_args: &HashMap<String, String>,
+        labels: &HashMap<String, String>,
+        mut on_line: impl FnMut(&str),
+    ) -> Result<String, StepFailure> {
+        let file = tokio::fs::File::open(context_tar)
+            .await
+            .map_err(|e| StepFailure { step: None, message: format!("cannot read the build context: {e}") })?;
+        let options = BuildImageOptionsBuilder::default()
+            .dockerfile(dockerfile)
+            .t(tag)
+            .buildargs(build_args)
+            .labels(labels)
+            .rm(true)
+            .forcerm(true)
+            .version(BuilderVersion::BuilderV1)
+            .build();
+        let body = bollard::body_try_stream(ReaderStream::new(file));
+        let mut stream = self.docker.build_image(options, None, Some(body));
+        let mut step: Option<String> = None;
+        let mut image_id: Option<String> = None;
+        let mut partial = String::new();
+        while let Some(item) = stream.next().await {
+            match item {
+                Ok(info) => {
+                    if let Some(text) = info.stream.as_deref() {
+                        partial.push_str(text);
+                        while let Some(nl) = partial.find('\n') {
+                            let line: String = partial.drain(..=nl).collect();
+                            let line = line.trim_end();
+                            if line.starts_with("Step ") {
+                                step = Some(line.to_owned());
+                            }
+                            on_line(line);
+                        }
+                    }
+                    if let Some(status) = info.status.as_deref() {
+                        on_line(status);
+                    }
+                    if let Some(id) = info.aux.and_then(|a| a.id) {
+                        image_id = Some(id);
+                    }
+                }
+                Err(e) => {
+                    if !partial.trim().is_empty() {
+                        on_line(partial.trim_end());
+                    }
+                    let message = match e {
+                        bollard::errors::Error::DockerStreamError { error } => error,
+                        other => other.to_string(),
+                    };
+                    on_line(&message);
+                    return Err(StepFailure { step, message });
+                }
+            }
+        }
+        if !partial.trim().is_empty() {
+            on_line(partial.trim_end());
+        }
+        match image_id {
+            Some(id) => Ok(id),
+            // Engines that omit the aux id still tagged the image: ask for it.
+            None => match self.docker.inspect_image(tag).await {
+                Ok(image) => Ok(image.id.unwrap_or_default()),
+                Err(e) => Err(StepFailure { step, message: format!("the build produced no image: {e}") }),
+            },
+        }
+    }
+
+    /// Adds `repository:new_tag` to an existing image.
+    pub async fn tag(&self, image: &str, repository: &str, new_tag: &str) -> Result<(), EngineError> {
+        let options = TagImageOptionsBuilder::default().repo(repository).tag(new_tag).build();
+        Ok(self.docker.tag_image(image, Some(options)).await?)
+    }
+
+    /// Pushes `repository:tag`; returns its digest (`sha256:...`).
+    pub async fn push(
+        &self,
+        repository: &str,
+        tag: &str,
+        mut on_line: impl FnMut(&str),
+    ) -> Result<String, EngineError> {
+        let options = PushImageOptionsBuilder::default().tag(tag).build();
+        let mut stream = self.docker.push_image(repository, Some(options), self.credentials.clone());
+        let mut last_status = String::new();
+        while let Some(item) = stream.next().await {
+            let info = item.map_err(|e| EngineError(format!("push of {repository}:{tag} failed: {e}")))?;
+            if let Some(status) = info.status {
+                // Progress lines repeat per layer; keep the log readable.
+                if status != last_status {
+                    on_line(&status);
+                    last_status = status;
+                }
+            }
+        }
+        let image = self.docker.inspect_image(&format!("{repository}:{tag}")).await?;
+        repo_digest(image.repo_digests.as_deref().unwrap_or_default(), repository)
+            .ok_or_else(|| EngineError(format!("pushed {repository}:{tag} but the engine recorded no digest")))
+    }
+}
+
+/// The digest of `repository` among an image's `RepoDigests` (`repo@sha256:...`).
+fn repo_digest(repo_digests: &[String], repository: &str) -> Option<String> {
+    repo_digests.iter().find_map(|d| {
+        let (repo, digest) = d.rsplit_once('@')?;
+        (repo == repository).then(|| digest.to_owned())
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn repo_digest_picks_the_repository() {
+        let d = ["other/x@sha256:aa".to_owned(), "127.0.0.1:5000/a/b@sha256:bb".to_owned()];
+        assert_eq!(repo_digest(&d, "127.0.0.1:5000/a/b").as_deref(), Some("sha256:bb"));
+        assert_eq!(repo_digest(&d, "127.0.0.1:5000/a/c"), None);
+    }
+}

@@ -1,0 +1,227 @@
+//! Build and run logs: a bounded in-memory store per Space, live
+//! subscriptions, and the hub-shaped SSE endpoints
+//! `GET /api/spaces/{owner}/{name}/logs/build` and `.../logs/run`.
+//!
+//! A reader first gets the lines kept so far, then follows new ones; a build
+//! log's stream ends when its build ends, a run log's stream never does.
+
+use std::collections::{HashMap, VecDeque};
+use std::convert::Infallible;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use axum::extract::{Path, State};
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use futures::Stream;
+use http::StatusCode;
+use serde::Serialize;
+use tokio::sync::broadcast;
+
+use crate::space::naming::space_id;
+
+/// Which log of a Space.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum LogKind {
+    /// Output of the image build.
+    Build,
+    /// The app's own output.
+    Run,
+}
+
+/// One line, as the hub's logs API sends it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct LogLine {
+    pub data: String,
+    /// RFC 3339.
+    pub timestamp: String,
+}
+
+#[derive(Debug)]
+struct Log {
+    lines: VecDeque<LogLine>,
+    tx: broadcast::Sender<LogLine>,
+    /// A finished build: readers stop after the kept lines.
+    closed: bool,
+    /// Values (Space secrets) that must never be shown; replaced on append.
+    redact: Vec<String>,
+}
+
+/// The log store; clones share it.
+#[derive(Debug, Clone)]
+pub struct LogStore {
+    inner: Arc<Mutex<HashMap<(String, LogKind), Log>>>,
+    capacity: usize,
+}
+
+impl Default for LogStore {
+    fn default() -> Self {
+        Self::new(5000)
+    }
+}
+
+/// What a reader gets: the kept lines, then live ones (if still open).
+pub struct Subscription {
+    pub backlog: Vec<LogLine>,
+    pub live: Option<broadcast::Receiver<LogLine>>,
+}
+
+impl LogStore {
+    /// Keeps the last `capacity` lines of each log.
+    pub fn new(capacity: usize) -> Self {
+        Self { inner: Arc::default(), capacity: capacity.max(1) }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, HashMap<(String, LogKind), Log>> {
+        // A panic while holding the lock leaves plain data behind: keep using it.
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn new_log(redact: Vec<String>) -> Log {
+        let (tx, _) = broadcast::channel(1024);
+        Log { lines: VecDeque::new(), tx, closed: false, redact }
+    }
+
+    /// Starts a fresh log (a new build): earlier lines are dropped, readers
+    /// of the old one see it end. `redact` lists values never to show.
+    pub fn start(&self, space: &str, kind: LogKind, redact: Vec<String>) {
+        let redact = redact.into_iter().filter(|s| !s.is_empty()).collect();
+        self.lock().insert((space.to_owned(), kind), Self::new_log(redact));
+    }
+
+    /// Appends one line (secrets redacted), stamped now.
+    pub fn append(&self, space: &str, kind: LogKind, line: &str) {
+        let mut logs = self.lock();
+        let log = logs.entry((space.to_owned(), kind)).or_insert_with(|| Self::new_log(Vec::new()));
+        let mut data = line.trim_end_matches(['\r', '\n']).to_owned();
+        for secret in &log.redact {
+            if data.contains(secret.as_str()) {
+                data = data.replace(secret.as_str(), "***");
+            }
+        }
+        let entry = LogLine { data, timestamp: k8s_openapi::jiff::Timestamp::now().to_string() };
+        if log.lines.len() == self.capacity {
+            log.lines.pop_front();
+        }
+        log.lines.push_back(entry.clone());
+        // No receivers is fine: nobody is watching right now.
+        let _ = log.tx.send(entry);
+    }
+
+    /// Marks a log finished: live readers end after the last line.
+    pub fn close(&self, space: &str, kind: LogKind) {
+        let mut logs = self.lock();
+        if let Some(log) = logs.get_mut(&(space.to_owned(), kind)) {
+            log.closed = true;
+            // Replacing the sender drops the old one: receivers see `Closed`.
+            log.tx = broadcast::channel(1).0;
+        }
+    }
+
+    /// The last `n` lines (for a failure message or a status tail).
+    pub fn tail(&self, space: &str, kind: LogKind, n: usize) -> Vec<String> {
+        let logs = self.lock();
+        logs.get(&(space.to_owned(), kind))
+            .map(|l| l.lines.iter().skip(l.lines.len().saturating_sub(n)).map(|l| l.data.clone()).collect())
+            .unwrap_or_default()
+    }
+
+    /// The kept lines and, for an open log, a live receiver; `None`: no such log.
+    pub fn subscribe(&self, space: &str, kind: LogKind) -> Option<Subscription> {
+        let logs = self.lock();
+        let log = logs.get(&(space.to_owned(), kind))?;
+        // Subscribing under the lock: no line falls between backlog and live.
+        Some(Subscription {
+            backlog: log.lines.iter().cloned().collect(),
+            live: (!log.closed).then(|| log.tx.subscribe()),
+        })
+    }
+}
+
+/// `GET /api/spaces/{owner}/{name}/logs/{build|run}` over `store`.
+pub fn router(store: LogStore) -> Router {
+    Router::new().route("/api/spaces/{owner}/{name}/logs/{kind}", get(logs)).with_state(store)
+}
+
+async fn logs(State(store): State<LogStore>, Path((owner, name, kind)): Path<(String, String, String)>) -> Response {
+    let kind = match kind.as_str() {
+        "build" => LogKind::Build,
+        "run" => LogKind::Run,
+        other => {
+            return (
+                StatusCode::NOT_FOUND,
+                Json(serde_json::json!({"error": format!("no {other:?} logs: use build or run")})),
+            )
+                .into_response();
+        }
+    };
+    let id = space_id(&owner, &name);
+    let Some(sub) = store.subscribe(&id, kind) else {
+        return (StatusCode::NOT_FOUND, Json(serde_json::json!({"error": format!("no {kind:?} logs for {id}")})))
+            .into_response();
+    };
+    Sse::new(events(sub)).keep_alive(KeepAlive::default()).into_response()
+}
+
+fn event(line: &LogLine) -> Event {
+    // Serializing two strings cannot fail; an empty event is the harmless fallback.
+    Event::default().data(serde_json::to_string(line).unwrap_or_default())
+}
+
+fn events(sub: Subscription) -> impl Stream<Item = Result<Event, Infallible>> {
+    let backlog = futures::stream::iter(sub.backlog.into_iter().map(|l| Ok(event(&l))));
+    let live = futures::stream::unfold(sub.live, |rx| async move {
+        let mut rx = rx?;
+        match rx.recv().await {
+            Ok(line) => Some((Ok(event(&line)), Some(rx))),
+            // A slow reader lost lines; say so in the stream and go on.
+            Err(broadcast::error::RecvError::Lagged(n)) => {
+                let gap = LogLine {
+                    data: format!("[hangar] {n} log lines skipped (reader too slow)"),
+                    timestamp: k8s_openapi::jiff::Timestamp::now().to_string(),
+                };
+                Some((Ok(event(&gap)), Some(rx)))
+            }
+            Err(broadcast::error::RecvError::Closed) => None,
+        }
+    });
+    futures::StreamExt::chain(backlog, live)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn store_keeps_the_last_lines_and_redacts() {
+        let s = LogStore::new(3);
+        s.start("a/b", LogKind::Build, vec!["hunter2".into(), String::new()]);
+        for i in 0..5 {
+            s.append("a/b", LogKind::Build, &format!("line {i} hunter2\n"));
+        }
+        assert_eq!(s.tail("a/b", LogKind::Build, 2), ["line 3 ***", "line 4 ***"]);
+        let sub = s.subscribe("a/b", LogKind::Build).expect("log");
+        assert_eq!(sub.backlog.len(), 3);
+        assert!(sub.live.is_some());
+        s.close("a/b", LogKind::Build);
+        assert!(s.subscribe("a/b", LogKind::Build).expect("log").live.is_none());
+        assert!(s.subscribe("a/b", LogKind::Run).is_none());
+        // A new build starts empty.
+        s.start("a/b", LogKind::Build, vec![]);
+        assert!(s.tail("a/b", LogKind::Build, 10).is_empty());
+    }
+
+    #[tokio::test]
+    async fn live_readers_end_when_the_log_closes() {
+        use futures::StreamExt;
+        let s = LogStore::new(10);
+        s.start("a/b", LogKind::Build, vec![]);
+        s.append("a/b", LogKind::Build, "first");
+        let stream = events(s.subscribe("a/b", LogKind::Build).expect("log"));
+        s.append("a/b", LogKind::Build, "second");
+        s.close("a/b", LogKind::Build);
+        let all: Vec<_> = stream.collect().await;
+        assert_eq!(all.len(), 2);
+    }
+}
