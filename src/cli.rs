@@ -31,7 +31,7 @@ pub enum Command {
     Operator,
     /// Run the proxy: routes each Space's traffic (host and path routing,
     /// WebSocket, SSE), puts idle Spaces to sleep and wakes them on request.
-    Proxy,
+    Proxy(crate::proxy::ProxyArgs),
     /// Run the hub webhook receiver: a push to a Space's repository rebuilds
     /// and redeploys it.
     Webhook(crate::webhook::WebhookArgs),
@@ -74,7 +74,7 @@ fn run(command: Command) -> crate::Result<()> {
             Ok(())
         }
         Command::Operator => Err(crate::Error::NotImplemented("`hangar operator` (issue 5)")),
-        Command::Proxy => Err(crate::Error::NotImplemented("`hangar proxy` (issue 7)")),
+        Command::Proxy(args) => tokio::runtime::Runtime::new()?.block_on(crate::proxy::cli_run(args)),
         Command::Webhook(args) => tokio::runtime::Runtime::new()?.block_on(crate::webhook::serve(args)),
         Command::Up { .. } => Err(crate::Error::NotImplemented("`hangar up` (issue 8)")),
     }

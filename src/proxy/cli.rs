@@ -1,0 +1,119 @@
+//! `hangar proxy`: its arguments and the process around the server.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+
+use super::kubernetes::{KubeSource, KubeSourceConfig};
+use super::route::{SpaceKey, SpaceRoute};
+use super::server::ProxyConfig;
+use super::source::{MemorySource, RouteSource};
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct ProxyArgs {
+    /// Address Spaces are served on (HTTP/1.1 and h2c).
+    #[arg(long, env = "HANGAR_PROXY_LISTEN", default_value = "0.0.0.0:8080")]
+    pub listen: SocketAddr,
+    /// Address of /metrics and /healthz.
+    #[arg(long, env = "HANGAR_PROXY_ADMIN_LISTEN", default_value = "0.0.0.0:9090")]
+    pub admin_listen: SocketAddr,
+    /// Spaces are served at `{owner}-{name}.{domain}` (and at `/spaces/{owner}/{name}/` on any host).
+    #[arg(long, env = "HANGAR_DOMAIN", default_value = "spaces.localhost")]
+    pub domain: String,
+    /// Kubernetes mode: watch only this namespace (default: all).
+    #[arg(long, env = "HANGAR_NAMESPACE")]
+    pub namespace: Option<String>,
+    /// Static mode instead of Kubernetes: serve `OWNER/NAME=HOST:PORT` (repeatable), always running.
+    #[arg(long = "route", value_name = "OWNER/NAME=HOST:PORT", value_parser = parse_route)]
+    pub routes: Vec<SpaceRoute>,
+    /// Requests held per starting Space before answering 503.
+    #[arg(long, env = "HANGAR_PROXY_MAX_HELD", default_value_t = 1000)]
+    pub max_held_per_space: usize,
+    /// Seconds to wait for an upstream's response head.
+    #[arg(long, default_value_t = 300)]
+    pub header_timeout_secs: u64,
+    /// Keep incoming X-Forwarded-* headers (only behind a trusted load balancer).
+    #[arg(long, env = "HANGAR_PROXY_TRUST_FORWARDED")]
+    pub trust_forwarded_headers: bool,
+}
+
+fn parse_route(spec: &str) -> Result<SpaceRoute, String> {
+    let invalid = || format!("{spec:?} is not OWNER/NAME=HOST:PORT");
+    let (id, addr) = spec.split_once('=').ok_or_else(invalid)?;
+    let (owner, name) = id.split_once('/').ok_or_else(invalid)?;
+    let addr: SocketAddr = addr.parse().map_err(|_| invalid())?;
+    let mut route = SpaceRoute::new(SpaceKey::new(owner, name));
+    route.stage = Some(crate::space::Stage::Running);
+    route.endpoints = vec![addr];
+    Ok(route)
+}
+
+/// Runs `hangar proxy` until SIGINT/SIGTERM.
+pub async fn run(args: ProxyArgs) -> crate::Result<()> {
+    let cancel = CancellationToken::new();
+    let source: Arc<dyn RouteSource> = if args.routes.is_empty() {
+        let client = kube::Client::try_default().await?;
+        let config = KubeSourceConfig { domain: args.domain.clone(), namespace: args.namespace.clone() };
+        let source = KubeSource::start(client, config, cancel.clone());
+        source.synced().await;
+        tracing::info!("routes synced from the cluster");
+        source
+    } else {
+        let source = MemorySource::new(&args.domain);
+        for route in &args.routes {
+            source.upsert(route.clone());
+        }
+        source
+    };
+    let config = ProxyConfig {
+        listen: args.listen,
+        admin_listen: Some(args.admin_listen),
+        max_held_per_space: args.max_held_per_space,
+        header_timeout: Duration::from_secs(args.header_timeout_secs),
+        trust_forwarded_headers: args.trust_forwarded_headers,
+        ..ProxyConfig::default()
+    };
+    let result = super::server::run(config, source, shutdown_signal()).await;
+    cancel.cancel();
+    result
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        if let Err(e) = tokio::signal::ctrl_c().await {
+            tracing::warn!(error = %e, "cannot listen for SIGINT");
+            std::future::pending::<()>().await;
+        }
+    };
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot listen for SIGTERM");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    tokio::select! {
+        () = ctrl_c => {}
+        () = term => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_static_routes() {
+        let r = parse_route("alice/echo=127.0.0.1:9000").expect("valid");
+        assert_eq!(r.key, SpaceKey::new("alice", "echo"));
+        assert_eq!(r.endpoints, vec![SocketAddr::from(([127, 0, 0, 1], 9000))]);
+        assert!(parse_route("alice=127.0.0.1:9000").is_err());
+        assert!(parse_route("alice/echo=nowhere").is_err());
+    }
+}

@@ -1,0 +1,390 @@
+//! The Kubernetes [`RouteSource`]: routes from watched Spaces, readiness from
+//! watched EndpointSlices, tokens from watched Secrets (no polling), and
+//! activity written to each Space's Lease (the operator's wake signal).
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use futures::future::BoxFuture;
+use futures::{StreamExt, TryStreamExt};
+use http::{HeaderName, HeaderValue};
+use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
+use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta};
+use kube::api::{Patch, PatchParams};
+use kube::runtime::reflector::{self, Store};
+use kube::runtime::{WatchStreamExt, watcher};
+use kube::{Api, Client, ResourceExt};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use super::auth::token_digest;
+use super::route::{Access, RouteTable, SpaceKey, SpaceRoute};
+use super::source::{RouteSource, SourceError};
+use crate::space::app_config::{self, DEFAULT_STARTUP_TIMEOUT};
+use crate::space::{Sdk, Space, SpaceSpec, Visibility, naming};
+
+/// Field manager of the proxy's Lease writes.
+pub const FIELD_MANAGER: &str = "hangar-proxy";
+/// The EndpointSlice label naming its Service.
+const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+/// Key of the bearer token in a private Space's token Secret.
+pub const TOKEN_KEY: &str = "token";
+/// Annotation on a Space with its front matter's `custom_headers` as a JSON
+/// object: the proxy never reads repositories, so whoever does copies them here.
+pub const CUSTOM_HEADERS_ANNOTATION: &str = "hangar.dev/custom-headers";
+
+/// Name of a private Space's token Secret (labelled `hangar.dev/space=<name>`, key `token`).
+pub fn token_secret_name(space: &str) -> String {
+    format!("space-{space}-token")
+}
+
+/// What to watch.
+#[derive(Clone, Debug)]
+pub struct KubeSourceConfig {
+    /// Spaces are served at `{owner}-{name}.{domain}`.
+    pub domain: String,
+    /// Watch one namespace only; `None`: all.
+    pub namespace: Option<String>,
+}
+
+/// Routes from the cluster; see the module docs.
+pub struct KubeSource {
+    client: Client,
+    tx: watch::Sender<Arc<RouteTable>>,
+    synced: watch::Receiver<bool>,
+}
+
+impl KubeSource {
+    /// Starts the watchers in the background (until `cancel`). Routes appear
+    /// as the initial lists arrive; [`KubeSource::synced`] waits for that.
+    pub fn start(client: Client, config: KubeSourceConfig, cancel: CancellationToken) -> Arc<Self> {
+        let (tx, _) = watch::channel(Arc::new(RouteTable::new(&config.domain, [])));
+        let (synced_tx, synced) = watch::channel(false);
+        let this = Arc::new(Self { client: client.clone(), tx: tx.clone(), synced });
+        tokio::spawn(watch_all(client, config, tx, synced_tx, cancel));
+        this
+    }
+
+    /// Waits until Spaces, EndpointSlices and Secrets were all listed once.
+    pub async fn synced(&self) {
+        let mut rx = self.synced.clone();
+        // An error means the watch task ended (cancelled): nothing more to wait for.
+        let _ = rx.wait_for(|s| *s).await;
+    }
+
+    fn renew(&self, space: &SpaceKey, at: SystemTime) -> BoxFuture<'static, Result<(), SourceError>> {
+        let api: Api<Lease> = Api::namespaced(self.client.clone(), &space.namespace);
+        let lease = activity_lease(space, at);
+        let name = naming::activity_lease_name(&space.name);
+        Box::pin(async move {
+            let lease = lease?;
+            api.patch(&name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&lease)).await?;
+            Ok(())
+        })
+    }
+}
+
+/// The Lease the proxy applies: only the fields it owns.
+pub fn activity_lease(space: &SpaceKey, at: SystemTime) -> Result<Lease, SourceError> {
+    let at = k8s_openapi::jiff::Timestamp::try_from(at).map_err(|e| SourceError::Other(format!("time: {e}")))?;
+    Ok(Lease {
+        metadata: ObjectMeta {
+            name: Some(naming::activity_lease_name(&space.name)),
+            namespace: Some(space.namespace.clone()),
+            labels: Some(BTreeMap::from([
+                (naming::SPACE_LABEL.to_owned(), space.name.clone()),
+                (naming::MANAGED_BY_LABEL.to_owned(), naming::MANAGED_BY.to_owned()),
+            ])),
+            ..Default::default()
+        },
+        spec: Some(LeaseSpec {
+            holder_identity: Some(naming::LEASE_HOLDER.to_owned()),
+            renew_time: Some(MicroTime(at)),
+            ..Default::default()
+        }),
+    })
+}
+
+impl RouteSource for KubeSource {
+    fn routes(&self) -> watch::Receiver<Arc<RouteTable>> {
+        self.tx.subscribe()
+    }
+
+    fn wake(&self, space: &SpaceKey) -> BoxFuture<'static, Result<(), SourceError>> {
+        self.renew(space, SystemTime::now())
+    }
+
+    fn record_activity(&self, space: &SpaceKey, at: SystemTime) -> BoxFuture<'static, Result<(), SourceError>> {
+        self.renew(space, at)
+    }
+}
+
+fn api<K>(client: &Client, namespace: Option<&str>) -> Api<K>
+where
+    K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope>,
+    <K as kube::Resource>::DynamicType: Default,
+{
+    match namespace {
+        Some(ns) => Api::namespaced(client.clone(), ns),
+        None => Api::all(client.clone()),
+    }
+}
+
+async fn watch_all(
+    client: Client,
+    config: KubeSourceConfig,
+    tx: watch::Sender<Arc<RouteTable>>,
+    synced: watch::Sender<bool>,
+    cancel: CancellationToken,
+) {
+    let ns = config.namespace.as_deref();
+    let (spaces, spaces_w) = reflector::store::<Space>();
+    let (slices, slices_w) = reflector::store::<EndpointSlice>();
+    let (secrets, secrets_w) = reflector::store::<Secret>();
+    let space_events = watcher(api::<Space>(&client, ns), watcher::Config::default())
+        .default_backoff()
+        .reflect(spaces_w)
+        .map_ok(|_| ());
+    let slice_events =
+        watcher(api::<EndpointSlice>(&client, ns), watcher::Config::default().labels(SERVICE_NAME_LABEL))
+            .default_backoff()
+            .reflect(slices_w)
+            .map_ok(|_| ());
+    let secret_events = watcher(api::<Secret>(&client, ns), watcher::Config::default().labels(naming::SPACE_LABEL))
+        .default_backoff()
+        .reflect(secrets_w)
+        .map_ok(|_| ());
+    let mut events = futures::stream::select(space_events, futures::stream::select(slice_events, secret_events))
+        .ready_chunks(256)
+        .boxed();
+    let ready = {
+        let (a, b, c) = (spaces.clone(), slices.clone(), secrets.clone());
+        async move { tokio::try_join!(a.wait_until_ready(), b.wait_until_ready(), c.wait_until_ready()).is_ok() }
+    };
+    tokio::pin!(ready);
+    let mut is_synced = false;
+    loop {
+        tokio::select! {
+            () = cancel.cancelled() => return,
+            ok = &mut ready, if !is_synced => {
+                is_synced = ok;
+                publish(&tx, &config.domain, &spaces, &slices, &secrets);
+                synced.send_replace(ok);
+                continue;
+            }
+            batch = events.next() => {
+                let Some(batch) = batch else { return };
+                for event in &batch {
+                    if let Err(e) = event {
+                        // The backoff retries; routes stay as last seen meanwhile.
+                        tracing::warn!(error = %e, "watch error");
+                    }
+                }
+            }
+        }
+        if is_synced {
+            publish(&tx, &config.domain, &spaces, &slices, &secrets);
+        }
+    }
+}
+
+fn publish(
+    tx: &watch::Sender<Arc<RouteTable>>,
+    domain: &str,
+    spaces: &Store<Space>,
+    slices: &Store<EndpointSlice>,
+    secrets: &Store<Secret>,
+) {
+    let table = build_table(domain, &spaces.state(), &slices.state(), &secrets.state());
+    tx.send_replace(Arc::new(table));
+}
+
+/// The route table for what the cluster holds now. Pure.
+pub fn build_table(
+    domain: &str,
+    spaces: &[Arc<Space>],
+    slices: &[Arc<EndpointSlice>],
+    secrets: &[Arc<Secret>],
+) -> RouteTable {
+    let mut ready: HashMap<(String, String), Vec<SocketAddr>> = HashMap::new();
+    for slice in slices {
+        let (Some(ns), Some(service)) = (slice.namespace(), slice.labels().get(SERVICE_NAME_LABEL).cloned()) else {
+            continue;
+        };
+        let port = slice.ports.iter().flatten().find_map(|p| p.port).and_then(|p| u16::try_from(p).ok());
+        let addrs = ready.entry((ns, service)).or_default();
+        for endpoint in slice.endpoints.iter().flatten() {
+            // `ready` unset means ready (API docs); terminating endpoints are not.
+            if endpoint.conditions.as_ref().and_then(|c| c.ready) == Some(false) {
+                continue;
+            }
+            for ip in endpoint.addresses.iter().filter_map(|a| a.parse::<IpAddr>().ok()) {
+                addrs.push(SocketAddr::new(ip, port.unwrap_or(0)));
+            }
+        }
+    }
+    let tokens: HashMap<(String, String), [u8; 32]> = secrets
+        .iter()
+        .filter_map(|s| {
+            let token = s.data.as_ref()?.get(TOKEN_KEY)?;
+            Some(((s.namespace()?, s.name_any()), token_digest(&token.0)))
+        })
+        .collect();
+    let routes = spaces.iter().filter_map(|space| {
+        let ns = space.namespace()?;
+        let name = space.name_any();
+        let mut route = SpaceRoute::new(SpaceKey::new(ns.clone(), name.clone()));
+        let (app_port, base_path, startup_timeout) = effective_config(&space.spec);
+        route.base_path = base_path;
+        route.startup_timeout = startup_timeout;
+        route.paused = space.spec.paused;
+        if let Some(status) = &space.status {
+            route.stage = status.stage;
+            route.message = status.message.clone();
+        }
+        if space.spec.visibility == Visibility::Private {
+            route.access =
+                Access::Private { token_sha256: tokens.get(&(ns.clone(), token_secret_name(&name))).copied() };
+        }
+        route.custom_headers = custom_headers(space);
+        route.endpoints = ready
+            .get(&(ns, naming::workload_name(&name)))
+            .map(|addrs| {
+                addrs.iter().map(|a| if a.port() == 0 { SocketAddr::new(a.ip(), app_port) } else { *a }).collect()
+            })
+            .unwrap_or_default();
+        Some(route)
+    });
+    RouteTable::new(domain, routes)
+}
+
+/// App port, base path and startup timeout from the spec alone. Without
+/// front matter a git Space may lack `sdk`: the spec's other fields still count.
+fn effective_config(spec: &SpaceSpec) -> (u16, String, std::time::Duration) {
+    let resolved = app_config::resolve(spec, None).or_else(|_| {
+        let fallback = SpaceSpec { sdk: Some(spec.sdk.unwrap_or(Sdk::Docker)), ..spec.clone() };
+        app_config::resolve(&fallback, None)
+    });
+    match resolved {
+        Ok(cfg) => (cfg.app_port, cfg.base_path, cfg.startup_timeout),
+        Err(_) => (
+            spec.app_port.and_then(|p| u16::try_from(p).ok()).unwrap_or(7860),
+            spec.base_path.clone().unwrap_or_else(|| "/".to_owned()),
+            DEFAULT_STARTUP_TIMEOUT,
+        ),
+    }
+}
+
+fn custom_headers(space: &Space) -> Vec<(HeaderName, HeaderValue)> {
+    let Some(raw) = space.annotations().get(CUSTOM_HEADERS_ANNOTATION) else {
+        return Vec::new();
+    };
+    match serde_json::from_str::<BTreeMap<String, String>>(raw) {
+        Ok(map) => map
+            .into_iter()
+            .filter_map(|(k, v)| Some((HeaderName::try_from(k).ok()?, HeaderValue::try_from(v).ok()?)))
+            .collect(),
+        Err(e) => {
+            tracing::warn!(space = %space.name_any(), error = %e, "ignoring invalid {CUSTOM_HEADERS_ANNOTATION}");
+            Vec::new()
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::space::{SpaceStatus, Stage};
+    use serde_json::json;
+
+    fn space(ns: &str, name: &str, spec: serde_json::Value, stage: Option<&str>) -> Arc<Space> {
+        let mut v = json!({"apiVersion": "hangar.dev/v1alpha1", "kind": "Space",
+            "metadata": {"name": name, "namespace": ns}, "spec": spec});
+        if let Some(stage) = stage {
+            v["status"] = json!({"stage": stage});
+        }
+        Arc::new(serde_json::from_value(v).expect("space"))
+    }
+
+    fn slice(ns: &str, service: &str, port: Option<i32>, endpoints: serde_json::Value) -> Arc<EndpointSlice> {
+        let mut v = json!({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice", "addressType": "IPv4",
+            "metadata": {"name": format!("{service}-abc"), "namespace": ns, "labels": {SERVICE_NAME_LABEL: service}},
+            "endpoints": endpoints});
+        if let Some(p) = port {
+            v["ports"] = json!([{"name": "http", "port": p, "protocol": "TCP"}]);
+        }
+        Arc::new(serde_json::from_value(v).expect("slice"))
+    }
+
+    #[test]
+    fn builds_routes_from_spaces_slices_and_secrets() {
+        let spaces = vec![
+            space("alice", "whisper", json!({"image": "r/w:1", "appPort": 9000}), Some("RUNNING")),
+            space("alice", "private", json!({"image": "r/p:1", "visibility": "private"}), Some("SLEEPING")),
+            space("bob", "git", json!({"source": {"git": "file:///r"}, "basePath": "/docs", "paused": true}), None),
+        ];
+        let slices = vec![
+            slice(
+                "alice",
+                "space-whisper",
+                Some(9000),
+                json!([{"addresses": ["10.244.0.5"], "conditions": {"ready": true}},
+                       {"addresses": ["10.244.0.6"], "conditions": {"ready": false}},
+                       {"addresses": ["10.244.0.7"]}]),
+            ),
+            // Same Service name, other namespace: not alice's.
+            slice("bob", "space-whisper", Some(1), json!([{"addresses": ["10.0.0.1"]}])),
+            slice("bob", "space-git", None, json!([{"addresses": ["10.0.0.2"]}])),
+        ];
+        let secret: Secret = serde_json::from_value(json!({"apiVersion": "v1", "kind": "Secret",
+            "metadata": {"name": "space-private-token", "namespace": "alice", "labels": {"hangar.dev/space": "private"}},
+            "data": {"token": "czNjcmV0"}}))
+        .expect("secret");
+        let t = build_table("spaces.test", &spaces, &slices, &[Arc::new(secret)]);
+        assert_eq!(t.len(), 3);
+        let w = t.get(&SpaceKey::new("alice", "whisper")).expect("whisper");
+        assert_eq!(w.stage, Some(Stage::Running));
+        assert_eq!(
+            w.endpoints,
+            vec!["10.244.0.5:9000".parse().expect("addr"), "10.244.0.7:9000".parse().expect("addr")]
+        );
+        assert_eq!(w.access, Access::Public);
+        let p = t.get(&SpaceKey::new("alice", "private")).expect("private");
+        assert_eq!(p.access, Access::Private { token_sha256: Some(token_digest(b"s3cret")) });
+        assert!(p.endpoints.is_empty());
+        assert_eq!(p.disposition(), crate::proxy::Disposition::Wake);
+        let g = t.get(&SpaceKey::new("bob", "git")).expect("git");
+        assert!(g.paused);
+        assert_eq!(g.base_path, "/docs");
+        // No port on the slice: the app port (default for an unknown sdk: 7860).
+        assert_eq!(g.endpoints, vec!["10.0.0.2:7860".parse().expect("addr")]);
+        let _ = SpaceStatus::default();
+    }
+
+    #[test]
+    fn lease_carries_holder_and_renew_time() {
+        let at = SystemTime::UNIX_EPOCH + std::time::Duration::from_micros(1_700_000_000_123_456);
+        let lease = activity_lease(&SpaceKey::new("alice", "whisper"), at).expect("lease");
+        let v = serde_json::to_value(&lease).expect("json");
+        assert_eq!(v["metadata"]["name"], "space-whisper-activity");
+        assert_eq!(v["metadata"]["namespace"], "alice");
+        assert_eq!(v["spec"]["holderIdentity"], "hangar-proxy");
+        assert_eq!(v["spec"]["renewTime"], "2023-11-14T22:13:20.123456Z");
+    }
+
+    #[test]
+    fn custom_headers_from_annotation() {
+        let mut s = (*space("a", "b", json!({"image": "i"}), None)).clone();
+        s.metadata.annotations = Some(BTreeMap::from([(
+            CUSTOM_HEADERS_ANNOTATION.to_owned(),
+            r#"{"cross-origin-embedder-policy": "require-corp", "bad header": "x"}"#.to_owned(),
+        )]));
+        let h = custom_headers(&s);
+        assert_eq!(h.len(), 1);
+        assert_eq!(h[0].0, "cross-origin-embedder-policy");
+    }
+}

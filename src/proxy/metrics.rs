@@ -1,0 +1,180 @@
+//! Prometheus metrics per Space, served at `/metrics`.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+use super::route::SpaceKey;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SpaceLabels {
+    pub namespace: String,
+    pub space: String,
+}
+
+impl From<&SpaceKey> for SpaceLabels {
+    fn from(k: &SpaceKey) -> Self {
+        Self { namespace: k.namespace.clone(), space: k.name.clone() }
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CodeLabels {
+    pub namespace: String,
+    pub space: String,
+    pub code: u16,
+}
+
+type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
+
+fn latency_histogram() -> Histogram {
+    // 1 ms .. ~65 s
+    Histogram::new(exponential_buckets(0.001, 2.0, 17))
+}
+
+fn wake_histogram() -> Histogram {
+    // 50 ms .. ~30 min
+    Histogram::new(exponential_buckets(0.05, 2.0, 16))
+}
+
+/// All proxy metrics in one registry.
+pub struct Metrics {
+    registry: Registry,
+    requests: Family<CodeLabels, Counter>,
+    duration: HistogramFamily<SpaceLabels>,
+    wakes: Family<SpaceLabels, Counter>,
+    wake_duration: HistogramFamily<SpaceLabels>,
+    held: Family<SpaceLabels, Gauge>,
+    rejected_held: Family<SpaceLabels, Counter>,
+    tunnels: Family<SpaceLabels, Gauge>,
+    upstream_errors: Family<SpaceLabels, Counter>,
+    unmatched: Counter,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("hangar_proxy");
+        let requests = Family::<CodeLabels, Counter>::default();
+        let duration = HistogramFamily::new_with_constructor(latency_histogram as fn() -> Histogram);
+        let wakes = Family::<SpaceLabels, Counter>::default();
+        let wake_duration = HistogramFamily::new_with_constructor(wake_histogram as fn() -> Histogram);
+        let held = Family::<SpaceLabels, Gauge>::default();
+        let rejected_held = Family::<SpaceLabels, Counter>::default();
+        let tunnels = Family::<SpaceLabels, Gauge>::default();
+        let upstream_errors = Family::<SpaceLabels, Counter>::default();
+        let unmatched = Counter::default();
+        registry.register("requests", "Requests per Space by response status code", requests.clone());
+        registry.register(
+            "request_duration_seconds",
+            "Time to the response head (not the whole stream), per Space",
+            duration.clone(),
+        );
+        registry.register("wakes", "Wake signals sent to sleeping Spaces", wakes.clone());
+        registry.register(
+            "wake_duration_seconds",
+            "From the wake signal to the Space being ready",
+            wake_duration.clone(),
+        );
+        registry.register("held_requests", "Requests held while their Space starts", held.clone());
+        registry.register(
+            "rejected_held_requests",
+            "Requests refused with 503 because too many were held",
+            rejected_held.clone(),
+        );
+        registry.register("open_tunnels", "Open upgraded connections (WebSockets)", tunnels.clone());
+        registry.register(
+            "upstream_errors",
+            "Requests answered 502/504 for upstream failures",
+            upstream_errors.clone(),
+        );
+        registry.register("unmatched_requests", "Requests for unknown Spaces", unmatched.clone());
+        Self {
+            registry,
+            requests,
+            duration,
+            wakes,
+            wake_duration,
+            held,
+            rejected_held,
+            tunnels,
+            upstream_errors,
+            unmatched,
+        }
+    }
+
+    pub fn request(&self, key: &SpaceKey, code: u16, seconds: f64) {
+        let labels = SpaceLabels::from(key);
+        self.duration.get_or_create(&labels).observe(seconds);
+        let SpaceLabels { namespace, space } = labels;
+        self.requests.get_or_create(&CodeLabels { namespace, space, code }).inc();
+    }
+
+    pub fn wake(&self, key: &SpaceKey) {
+        self.wakes.get_or_create(&key.into()).inc();
+    }
+
+    pub fn wake_done(&self, key: &SpaceKey, seconds: f64) {
+        self.wake_duration.get_or_create(&key.into()).observe(seconds);
+    }
+
+    pub fn held(&self, key: &SpaceKey, delta: i64) {
+        self.held.get_or_create(&key.into()).inc_by(delta);
+    }
+
+    pub fn rejected_held(&self, key: &SpaceKey) {
+        self.rejected_held.get_or_create(&key.into()).inc();
+    }
+
+    pub fn tunnel(&self, key: &SpaceKey, delta: i64) {
+        self.tunnels.get_or_create(&key.into()).inc_by(delta);
+    }
+
+    pub fn upstream_error(&self, key: &SpaceKey) {
+        self.upstream_errors.get_or_create(&key.into()).inc();
+    }
+
+    pub fn unmatched(&self) {
+        self.unmatched.inc();
+    }
+
+    /// The OpenMetrics text exposition.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        // Writing into a String cannot fail; an encoder error would be a bug in a label.
+        if let Err(e) = prometheus_client::encoding::text::encode(&mut out, &self.registry) {
+            tracing::error!(error = %e, "encoding metrics failed");
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exposition_names_the_space() {
+        let m = Metrics::new();
+        let k = SpaceKey::new("alice", "whisper");
+        m.request(&k, 200, 0.002);
+        m.wake(&k);
+        m.held(&k, 3);
+        let text = m.encode();
+        assert!(
+            text.contains(r#"hangar_proxy_requests_total{namespace="alice",space="whisper",code="200"} 1"#),
+            "{text}"
+        );
+        assert!(text.contains(r#"hangar_proxy_wakes_total{namespace="alice",space="whisper"} 1"#), "{text}");
+        assert!(text.contains(r#"hangar_proxy_held_requests{namespace="alice",space="whisper"} 3"#), "{text}");
+        assert!(text.contains("hangar_proxy_request_duration_seconds_bucket"), "{text}");
+    }
+}
