@@ -28,7 +28,7 @@ pub struct Cli {
 pub enum Command {
     /// Run the Kubernetes operator: reconciles Space resources into workloads
     /// on the right hardware and keeps their status current.
-    Operator,
+    Operator(crate::operator::OperatorArgs),
     /// Run the proxy: routes each Space's traffic (host and path routing,
     /// WebSocket, SSE), puts idle Spaces to sleep and wakes them on request.
     Proxy(crate::proxy::ProxyArgs),
@@ -44,6 +44,10 @@ pub enum Command {
     },
     /// Print the Space CustomResourceDefinition as YAML (the source of crds/space.yaml).
     Crd,
+}
+
+fn tokio_runtime() -> crate::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread().enable_all().build()?)
 }
 
 /// Exit code of a command that is not built yet.
@@ -73,7 +77,7 @@ fn run(command: Command) -> crate::Result<()> {
             print!("{}", crate::space::crd_yaml()?);
             Ok(())
         }
-        Command::Operator => Err(crate::Error::NotImplemented("`hangar operator` (issue 5)")),
+        Command::Operator(args) => tokio_runtime()?.block_on(crate::operator::run(args)),
         Command::Proxy(args) => tokio::runtime::Runtime::new()?.block_on(crate::proxy::cli_run(args)),
         Command::Webhook(args) => tokio::runtime::Runtime::new()?.block_on(crate::webhook::serve(args)),
         Command::Up { .. } => Err(crate::Error::NotImplemented("`hangar up` (issue 8)")),

@@ -15,6 +15,8 @@ pub enum Error {
     FrontMatter(#[from] crate::space::FrontMatterError),
     #[error("invalid configuration: {0}")]
     Config(#[from] crate::space::ConfigError),
+    #[error("{0}")]
+    Invalid(String),
     #[error("{0} is not implemented yet")]
     NotImplemented(&'static str),
 }

@@ -1,6 +1,164 @@
 //! The Kubernetes controller for `Space`: load -> validate -> render (pure) -> apply -> status.
 
+pub mod leader;
+pub mod metrics;
 pub mod placement;
+pub mod reconcile;
 pub mod render;
 pub mod sleep;
 pub mod status;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::routing::get;
+use futures::StreamExt;
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::core::v1::{Pod, Service};
+use kube::runtime::controller::{self, Controller};
+use kube::runtime::events::{Recorder, Reporter};
+use kube::runtime::reflector::ObjectRef;
+use kube::runtime::watcher;
+use kube::{Api, Client, ResourceExt};
+use prometheus_client::registry::Registry;
+
+use crate::space::Space;
+use crate::space::naming::{MANAGED_BY, MANAGED_BY_LABEL, SPACE_LABEL};
+
+/// `hangar operator` settings.
+#[derive(Debug, Clone, clap::Args)]
+pub struct OperatorArgs {
+    /// Public domain of Space hosts: a Space is served at `{owner}-{name}.{domain}`.
+    #[arg(long, env = "HANGAR_DOMAIN", default_value = "hangar.localhost")]
+    pub domain: String,
+    /// Scheme of the URLs written to status (`https` behind a TLS ingress).
+    #[arg(long, env = "HANGAR_URL_SCHEME", default_value = "https")]
+    pub url_scheme: String,
+    /// YAML file mapping flavors to node selectors, tolerations and requests
+    /// (defaults follow NVIDIA GPU feature discovery labels).
+    #[arg(long, env = "HANGAR_HARDWARE_MAPPING")]
+    pub hardware_mapping: Option<PathBuf>,
+    /// Watch Spaces of this namespace only (default: all namespaces).
+    #[arg(long, env = "HANGAR_WATCH_NAMESPACE")]
+    pub namespace: Option<String>,
+    /// Address of /healthz, /readyz and /metrics.
+    #[arg(long, env = "HANGAR_OPERATOR_HTTP", default_value = "0.0.0.0:8080")]
+    pub http_addr: SocketAddr,
+    /// Namespace of the leader election Lease; leader election is off without it.
+    #[arg(long, env = "HANGAR_LEADER_ELECTION_NAMESPACE")]
+    pub leader_election_namespace: Option<String>,
+    /// This replica's identity in leader election (the pod name in a cluster).
+    #[arg(long, env = "POD_NAME", default_value = "hangar-operator")]
+    pub identity: String,
+}
+
+const LEADER_LEASE: &str = "hangar-operator-leader";
+
+#[derive(Clone)]
+struct HttpState {
+    registry: Arc<Registry>,
+    ready: Arc<AtomicBool>,
+}
+
+async fn metrics_handler(State(state): State<HttpState>) -> (StatusCode, String) {
+    let mut body = String::new();
+    match prometheus_client::encoding::text::encode(&mut body, &state.registry) {
+        Ok(()) => (StatusCode::OK, body),
+        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    }
+}
+
+async fn readyz(State(state): State<HttpState>) -> (StatusCode, &'static str) {
+    if state.ready.load(Ordering::Relaxed) {
+        (StatusCode::OK, "ok")
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "not leading yet")
+    }
+}
+
+/// Runs the operator until a shutdown signal or the loss of leadership.
+pub async fn run(args: OperatorArgs) -> crate::Result<()> {
+    let mapping = match &args.hardware_mapping {
+        Some(path) => placement::HardwareMapping::from_yaml(&std::fs::read_to_string(path)?)
+            .map_err(|e| crate::Error::Invalid(format!("{}: {e}", path.display())))?,
+        None => placement::HardwareMapping::default(),
+    };
+    let client = Client::try_default().await?;
+    let mut registry = Registry::default();
+    let metrics = metrics::Metrics::new(&mut registry);
+    let ready = Arc::new(AtomicBool::new(false));
+    let state = HttpState { registry: Arc::new(registry), ready: ready.clone() };
+    let app = Router::new()
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics_handler))
+        .with_state(state);
+    let listener = tokio::net::TcpListener::bind(args.http_addr).await?;
+    tracing::info!(addr = %args.http_addr, "operator health and metrics listening");
+    tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, app).await {
+            tracing::error!(error = %e, "health server failed");
+        }
+    });
+
+    let elector = args
+        .leader_election_namespace
+        .as_deref()
+        .map(|ns| leader::Elector::new(Api::namespaced(client.clone(), ns), LEADER_LEASE, &args.identity));
+    if let Some(elector) = &elector {
+        tracing::info!(identity = %args.identity, "waiting for leadership");
+        elector.acquire().await;
+        tracing::info!(identity = %args.identity, "leading");
+    }
+    ready.store(true, Ordering::Relaxed);
+
+    let reporter = Reporter { controller: "hangar-operator".into(), instance: Some(args.identity.clone()) };
+    let recorder = Recorder::new(client.clone(), reporter);
+    let config = reconcile::OperatorConfig { domain: args.domain, url_scheme: args.url_scheme, mapping };
+    let ctx = Arc::new(reconcile::Context::new(client.clone(), recorder, metrics, config));
+
+    fn api<K>(client: &Client, ns: Option<&str>) -> Api<K>
+    where
+        K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>,
+    {
+        ns.map_or_else(|| Api::all(client.clone()), |ns| Api::namespaced(client.clone(), ns))
+    }
+    let ns = args.namespace.as_deref();
+    let ours = watcher::Config::default().labels(&format!("{MANAGED_BY_LABEL}={MANAGED_BY}"));
+    let of_a_space = watcher::Config::default().labels(SPACE_LABEL);
+    let controller = Controller::new(api::<Space>(&client, ns), watcher::Config::default())
+        .owns(api::<Deployment>(&client, ns), ours.clone())
+        .owns(api::<Service>(&client, ns), ours)
+        .owns(api::<Lease>(&client, ns), of_a_space.clone())
+        .watches(api::<Pod>(&client, ns), of_a_space, |pod| {
+            let space = pod.labels().get(SPACE_LABEL)?;
+            Some(ObjectRef::new(space).within(&pod.namespace()?))
+        })
+        .with_config(controller::Config::default().concurrency(16))
+        .shutdown_on_signal()
+        .run(reconcile::reconcile, reconcile::error_policy, ctx)
+        .for_each(|result| async move {
+            if let Err(e) = result {
+                tracing::debug!(error = %e, "reconcile error");
+            }
+        });
+    match &elector {
+        Some(elector) => {
+            tokio::select! {
+                () = controller => {}
+                () = elector.hold() => {
+                    return Err(crate::Error::Invalid("lost leadership; exiting so a new leader takes over".into()));
+                }
+            }
+        }
+        None => controller.await,
+    }
+    tracing::info!("operator stopped");
+    Ok(())
+}

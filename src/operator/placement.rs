@@ -81,6 +81,9 @@ pub fn default_placement(flavor: &Flavor) -> Placement {
 #[derive(Debug, Clone, PartialEq, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct HardwareMapping {
+    /// Requests for every flavor that sets none of its own (overcommit).
+    #[serde(default)]
+    pub requests: Option<Requests>,
     #[serde(default)]
     pub flavors: BTreeMap<String, Placement>,
 }
@@ -103,7 +106,11 @@ impl HardwareMapping {
     }
 
     pub fn placement(&self, flavor: &Flavor) -> Placement {
-        self.flavors.get(flavor.name).cloned().unwrap_or_else(|| default_placement(flavor))
+        let mut placement = self.flavors.get(flavor.name).cloned().unwrap_or_else(|| default_placement(flavor));
+        if placement.requests.is_none() {
+            placement.requests = self.requests.clone();
+        }
+        placement
     }
 }
 
@@ -138,6 +145,23 @@ mod tests {
         assert_eq!(cpu.node_selector["hangar.dev/test-node"], "real");
         assert_eq!(cpu.requests, Some(Requests { cpu: "100m".into(), memory: "128Mi".into() }));
         assert_eq!(mapping.placement(flavor("t4-small")), default_placement(flavor("t4-small")));
+    }
+
+    #[test]
+    fn global_requests_fill_in_for_every_flavor() {
+        let mapping = HardwareMapping::from_yaml(
+            "requests: {cpu: 50m, memory: 32Mi}\nflavors:\n  cpu-basic: {requests: {cpu: 1, memory: 1Gi}}\n",
+        )
+        .expect("valid mapping");
+        assert_eq!(
+            mapping.placement(flavor("a10g-large")).requests,
+            Some(Requests { cpu: "50m".into(), memory: "32Mi".into() })
+        );
+        assert_eq!(mapping.placement(flavor("a10g-large")).node_selector[GPU_PRODUCT_LABEL], "NVIDIA-A10G");
+        assert_eq!(
+            mapping.placement(flavor("cpu-basic")).requests,
+            Some(Requests { cpu: "1".into(), memory: "1Gi".into() })
+        );
     }
 
     #[test]

@@ -51,10 +51,7 @@ pub struct RenderInput<'a> {
 
 /// The labels every object of a Space carries.
 pub fn labels(space: &Space) -> BTreeMap<String, String> {
-    BTreeMap::from([
-        (SPACE_LABEL.to_owned(), space.name_any()),
-        (MANAGED_BY_LABEL.to_owned(), MANAGED_BY.to_owned()),
-    ])
+    BTreeMap::from([(SPACE_LABEL.to_owned(), space.name_any()), (MANAGED_BY_LABEL.to_owned(), MANAGED_BY.to_owned())])
 }
 
 fn metadata(space: &Space, name: String) -> ObjectMeta {
@@ -285,7 +282,14 @@ mod tests {
     fn render<T>(space: &Space, replicas: i32, f: impl Fn(&RenderInput) -> T) -> T {
         let config = resolve(&space.spec, None).expect("valid spec");
         let placement = HardwareMapping::default().placement(config.flavor);
-        f(&RenderInput { space, config: &config, placement: &placement, image: "reg/app:1", replicas, domain: "hf.test" })
+        f(&RenderInput {
+            space,
+            config: &config,
+            placement: &placement,
+            image: "reg/app:1",
+            replicas,
+            domain: "hf.test",
+        })
     }
 
     fn pod(d: &Deployment) -> &PodSpec {
@@ -363,7 +367,10 @@ mod tests {
         let pod = pod(&d);
         let c = &pod.containers[0];
         let sc = c.security_context.as_ref().expect("container security context");
-        assert_eq!((sc.run_as_user, sc.run_as_non_root, sc.allow_privilege_escalation), (Some(1000), Some(true), Some(false)));
+        assert_eq!(
+            (sc.run_as_user, sc.run_as_non_root, sc.allow_privilege_escalation),
+            (Some(1000), Some(true), Some(false))
+        );
         assert_eq!(sc.capabilities.as_ref().and_then(|c| c.drop.clone()), Some(vec!["ALL".to_owned()]));
         let startup = c.startup_probe.as_ref().expect("startup probe");
         assert_eq!(startup.tcp_socket.as_ref().map(|t| t.port.clone()), Some(IntOrString::Int(7860)));

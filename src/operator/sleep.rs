@@ -45,17 +45,23 @@ mod tests {
     #[test]
     fn sleeps_after_idle_time_and_wakes_on_renewal() {
         let five = Some(Duration::from_secs(5));
-        assert_eq!(decide(Some(at(0)), five, at(2)), SleepDecision { asleep: false, recheck_in: Some(Duration::from_secs(3)) });
+        assert_eq!(
+            decide(Some(at(0)), five, at(2)),
+            SleepDecision { asleep: false, recheck_in: Some(Duration::from_secs(3)) }
+        );
         assert_eq!(decide(Some(at(0)), five, at(5)), SleepDecision { asleep: true, recheck_in: None });
         // The proxy renewed the Lease: awake again, with a fresh deadline.
-        assert_eq!(decide(Some(at(9)), five, at(9)), SleepDecision { asleep: false, recheck_in: Some(Duration::from_secs(5)) });
+        assert_eq!(
+            decide(Some(at(9)), five, at(9)),
+            SleepDecision { asleep: false, recheck_in: Some(Duration::from_secs(5)) }
+        );
         // A renewal stamped slightly in the future (clock skew) is not an error.
-        assert_eq!(decide(Some(at(12)), five, at(10)).asleep, false);
+        assert!(!decide(Some(at(12)), five, at(10)).asleep);
     }
 
     #[test]
     fn never_sleeps_without_a_sleep_time_or_activity_record() {
         assert_eq!(decide(Some(at(0)), None, at(1_000_000)), SleepDecision { asleep: false, recheck_in: None });
-        assert_eq!(decide(None, Some(Duration::from_secs(1)), at(10)).asleep, false);
+        assert!(!decide(None, Some(Duration::from_secs(1)), at(10)).asleep);
     }
 }

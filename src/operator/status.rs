@@ -28,8 +28,13 @@ const RUNTIME_FAILURES: &[&str] = &[
 pub enum BuildView {
     /// Nothing to build (prebuilt image) or the last build is current.
     Idle,
-    Building { message: String },
-    Failed { stage: Stage, message: String },
+    Building {
+        message: String,
+    },
+    Failed {
+        stage: Stage,
+        message: String,
+    },
 }
 
 /// Everything the status is derived from.
@@ -86,11 +91,7 @@ fn runtime_failure(pod: &Pod) -> Option<String> {
             text.push_str(&format!(": {message}"));
         }
         if let Some(t) = cs.last_state.as_ref().and_then(|s| s.terminated.as_ref()) {
-            text.push_str(&format!(
-                " (last exit: {}, code {})",
-                t.reason.as_deref().unwrap_or("unknown"),
-                t.exit_code
-            ));
+            text.push_str(&format!(" (last exit: {}, code {})", t.reason.as_deref().unwrap_or("unknown"), t.exit_code));
         }
         Some(text)
     })
@@ -121,8 +122,11 @@ fn stage_name(stage: Stage) -> String {
 /// Derives the status. Deterministic: the same facts give the same status.
 pub fn derive(facts: &Facts) -> SpaceStatus {
     let pods: Vec<&Pod> = facts.pods.iter().filter(|p| p.metadata.deletion_timestamp.is_none()).collect();
-    let current: Vec<&Pod> =
-        pods.iter().copied().filter(|p| facts.template_hash.is_some() && pod_template(p) == facts.template_hash).collect();
+    let current: Vec<&Pod> = pods
+        .iter()
+        .copied()
+        .filter(|p| facts.template_hash.is_some() && pod_template(p) == facts.template_hash)
+        .collect();
     let ready: Vec<&Pod> = pods.iter().copied().filter(|p| is_ready(p)).collect();
     let current_ready = current.iter().any(|p| is_ready(p));
     let serving = !ready.is_empty();
@@ -166,8 +170,7 @@ pub fn derive(facts: &Facts) -> SpaceStatus {
         .find(|p| pod_template(p) == facts.template_hash)
         .or(ready.first())
         .and_then(|p| p.metadata.annotations.as_ref()?.get(HARDWARE_ANNOTATION).cloned());
-    let ready_replicas =
-        facts.deployment.and_then(|d| d.status.as_ref()).and_then(|s| s.ready_replicas).unwrap_or(0);
+    let ready_replicas = facts.deployment.and_then(|d| d.status.as_ref()).and_then(|s| s.ready_replicas).unwrap_or(0);
 
     SpaceStatus {
         stage: Some(stage),
