@@ -270,7 +270,7 @@ async fn python_image_runs_on_the_real_node_and_wakes_from_zero() {
         Ok((!ips.is_empty()).then_some(ips))
     })
     .await;
-    assert_eq!(ips, [pod_ip.clone()]);
+    assert_eq!(ips, std::slice::from_ref(&pod_ip));
     let http = http_client();
     let (status, body) =
         http_get(&http, &format!("http://{pod_ip}:7860/")).await.expect("HTTP to the pod IP from the host");
@@ -307,8 +307,15 @@ async fn python_image_runs_on_the_real_node_and_wakes_from_zero() {
     .await;
     let wake = start.elapsed();
     assert!(body.contains(&marker));
-    println!("wake floor: scale 0 -> 1 to first HTTP 200 from {ip}: {wake:.2?}");
-    eprintln!("wake floor: scale 0 -> 1 to first HTTP 200 from {ip}: {wake:.2?}");
+    let line = format!("wake floor: scale 0 -> 1 to first HTTP 200 from {ip}: {wake:.2?}");
+    eprintln!("{line}");
+    // Kept with the test bed's logs (they survive `scripts/testenv down`).
+    let log = env.state.join("logs/measurements.log");
+    let _ = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log)
+        .and_then(|mut f| std::io::Write::write_all(&mut f, format!("{line}\n").as_bytes()));
     assert!(wake < Duration::from_secs(60));
 }
 

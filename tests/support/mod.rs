@@ -372,15 +372,15 @@ impl Container {
 
 impl Drop for Container {
     fn drop(&mut self) {
-        if std::thread::panicking() {
-            if let Ok(out) = self.env.docker().args(["logs", "--tail", "50", &self.id]).output() {
-                eprintln!(
-                    "----- docker logs {} -----\n{}{}",
-                    self.id,
-                    String::from_utf8_lossy(&out.stdout),
-                    String::from_utf8_lossy(&out.stderr)
-                );
-            }
+        if std::thread::panicking()
+            && let Ok(out) = self.env.docker().args(["logs", "--tail", "50", &self.id]).output()
+        {
+            eprintln!(
+                "----- docker logs {} -----\n{}{}",
+                self.id,
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
         }
         let _ = self.env.docker().args(["rm", "-f", &self.id]).output();
     }
