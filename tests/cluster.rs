@@ -317,6 +317,7 @@ async fn python_image_runs_on_the_real_node_and_wakes_from_zero() {
         .open(&log)
         .and_then(|mut f| std::io::Write::write_all(&mut f, format!("{line}\n").as_bytes()));
     assert!(wake < Duration::from_secs(60));
+    let _ = support::run(env.docker().args(["rmi", &image]));
 }
 
 #[tokio::test]
