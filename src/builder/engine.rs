@@ -150,7 +150,8 @@ impl Engine {
                         partial.push_str(text);
                         while let Some(nl) = partial.find('\n') {
                             let line: String = partial.drain(..=nl).collect();
-                            let line = line.trim_end();
+                            let line = strip_ansi(line.trim_end());
+                            let line = line.as_str();
                             if line.starts_with("Step ") {
                                 step = Some(line.to_owned());
                             }
@@ -222,6 +223,29 @@ impl Engine {
     }
 }
 
+/// `text` without terminal escape sequences (the classic builder colours
+/// a RUN step's stderr), so stored lines are plain text.
+fn strip_ansi(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut chars = text.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            if chars.peek() == Some(&'[') {
+                chars.next();
+                // CSI: parameters up to a final byte in '@'..='~'.
+                for c in chars.by_ref() {
+                    if ('@'..='~').contains(&c) {
+                        break;
+                    }
+                }
+            }
+            continue;
+        }
+        out.push(c);
+    }
+    out
+}
+
 /// The digest of `repository` among an image's `RepoDigests` (`repo@sha256:...`).
 fn repo_digest(repo_digests: &[String], repository: &str) -> Option<String> {
     repo_digests.iter().find_map(|d| {
@@ -233,6 +257,12 @@ fn repo_digest(repo_digests: &[String], repository: &str) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn escapes_are_stripped() {
+        assert_eq!(strip_ansi("\u{1b}[91mERROR: no\u{1b}[0m"), "ERROR: no");
+        assert_eq!(strip_ansi("plain [91m"), "plain [91m");
+    }
 
     #[test]
     fn repo_digest_picks_the_repository() {
