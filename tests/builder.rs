@@ -157,6 +157,17 @@ async fn static_space_builds_pushes_serves_and_is_reused() {
     assert_eq!(image_ids(&env, &out.repository), ids_before, "no new image");
     assert!(b.logs().tail(&format!("{ns}/site"), LogKind::Build, 5).iter().any(|l| l.contains("reusing")));
 
+    // Another builder whose engine lost the image finds it in the registry.
+    run_ok(env.docker().args([
+        "rmi",
+        &format!("{}:{}", out.repository, out.tag),
+        &format!("{}:{}", out.repository, out.commit),
+    ]));
+    let other = builder(&env).await;
+    let from_registry = ok(other.build(request(&ns, "site", repo.path())).await);
+    assert!(from_registry.reused);
+    assert_eq!(from_registry.image, out.image);
+
     // A new commit builds a new image that serves the new content.
     let new_marker = unique_name("static-v2");
     let sha2 = commit_file(repo.path(), "index.html", &format!("<p>{new_marker}</p>\n"));
@@ -195,7 +206,22 @@ async fn docker_space_gets_variables_as_build_args_and_never_sees_secrets() {
     assert!(body.contains(&marker), "{body}");
     assert!(body.contains("bonjour-from-variables"), "variables are build args: {body}");
     assert!(body.contains("<p id=\"uid\">1000</p>"), "runs as uid 1000: {body}");
+    // The app's own output reaches the run log.
+    let follow = {
+        let (b, id, space) = (b.clone(), c.id.clone(), format!("{ns}/app"));
+        tokio::spawn(async move { b.engine().follow_container_logs(&id, b.logs(), &space).await })
+    };
+    wait_for("the app's output in the run log", Duration::from_secs(10), || {
+        let lines = b.logs().tail(&format!("{ns}/app"), LogKind::Run, 100);
+        async move { Ok(lines.iter().any(|l| l == "listening on 0.0.0.0:7860").then_some(())) }
+    })
+    .await;
     drop(c);
+    tokio::time::timeout(Duration::from_secs(10), follow)
+        .await
+        .expect("following ends with the container")
+        .expect("join")
+        .expect("follow");
 
     // The secret is nowhere: not in the build log, not in any layer or config.
     let log = b.logs().tail(&format!("{ns}/app"), LogKind::Build, 10_000).join("\n");
@@ -402,4 +428,31 @@ async fn gradio_space_builds_and_serves_a_gradio_app() {
     let (_c, body) = serve(&env, &out.image, 7860).await;
     assert!(body.contains("gradio"), "{}", &body[..body.len().min(2000)]);
     assert!(body.contains("hangar gradio fixture"), "{}", &body[..body.len().min(2000)]);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn streamlit_space_builds_and_serves_a_streamlit_app() {
+    let env = TestEnv::engine();
+    let b = builder(&env).await;
+    let ns = unique_name("grace");
+    let repo = fixture_repo("streamlit", "x");
+    let t0 = Instant::now();
+    let out = ok(b.build(request(&ns, "dash", repo.path())).await);
+    eprintln!("streamlit cold build: {:?}", t0.elapsed());
+    assert_eq!(out.app_config.app_port, 8501);
+    let c = Container::run(&env, &["-p", "127.0.0.1::8501", &out.image]);
+    let addr = c.published("8501/tcp");
+    let http = http_client();
+    let health = wait_for("streamlit's health endpoint", Duration::from_secs(60), || async {
+        match http_get(&http, &format!("http://{addr}/_stcore/health")).await {
+            Ok((200, body)) => Ok(Some(body)),
+            Ok((status, _)) => Err(format!("HTTP {status}").into()),
+            Err(e) => Err(e),
+        }
+    })
+    .await;
+    assert_eq!(health.trim(), "ok");
+    let (status, page) = http_get(&http, &format!("http://{addr}/")).await.expect("GET /");
+    assert_eq!(status, 200);
+    assert!(page.to_lowercase().contains("streamlit"), "{}", &page[..page.len().min(500)]);
 }

@@ -197,6 +197,31 @@ impl Engine {
         Ok(self.docker.tag_image(image, Some(options)).await?)
     }
 
+    /// Follows a container's stdout and stderr into `space`'s run log until
+    /// the container stops (local mode's `.../logs/run`).
+    pub async fn follow_container_logs(
+        &self,
+        container: &str,
+        store: &super::LogStore,
+        space: &str,
+    ) -> Result<(), EngineError> {
+        let options =
+            bollard::query_parameters::LogsOptionsBuilder::default().follow(true).stdout(true).stderr(true).build();
+        let mut stream = self.docker.logs(container, Some(options));
+        let mut partial = String::new();
+        while let Some(item) = stream.next().await {
+            partial.push_str(&item?.to_string());
+            while let Some(nl) = partial.find('\n') {
+                let line: String = partial.drain(..=nl).collect();
+                store.append(space, super::LogKind::Run, &strip_ansi(line.trim_end()));
+            }
+        }
+        if !partial.is_empty() {
+            store.append(space, super::LogKind::Run, &strip_ansi(&partial));
+        }
+        Ok(())
+    }
+
     /// Pushes `repository:tag`; returns its digest (`sha256:...`).
     pub async fn push(
         &self,

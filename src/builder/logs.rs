@@ -139,6 +139,22 @@ impl LogStore {
     }
 }
 
+/// Appends every line read from `reader` (a pod's log stream, a process's
+/// output) to `space`'s `kind` log until it ends.
+pub async fn pump_lines(
+    store: &LogStore,
+    space: &str,
+    kind: LogKind,
+    reader: impl tokio::io::AsyncBufRead + Unpin,
+) -> std::io::Result<()> {
+    use tokio::io::AsyncBufReadExt;
+    let mut lines = reader.lines();
+    while let Some(line) = lines.next_line().await? {
+        store.append(space, kind, &line);
+    }
+    Ok(())
+}
+
 /// `GET /api/spaces/{owner}/{name}/logs/{build|run}` over `store`.
 pub fn router(store: LogStore) -> Router {
     Router::new().route("/api/spaces/{owner}/{name}/logs/{kind}", get(logs)).with_state(store)
@@ -210,6 +226,14 @@ mod tests {
         // A new build starts empty.
         s.start("a/b", LogKind::Build, vec![]);
         assert!(s.tail("a/b", LogKind::Build, 10).is_empty());
+    }
+
+    #[tokio::test]
+    async fn pumped_lines_land_in_the_log() {
+        let s = LogStore::new(10);
+        let input: &[u8] = b"one\ntwo\r\nthree";
+        pump_lines(&s, "a/b", LogKind::Run, input).await.expect("pump");
+        assert_eq!(s.tail("a/b", LogKind::Run, 10), ["one", "two", "three"]);
     }
 
     #[tokio::test]
