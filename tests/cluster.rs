@@ -12,8 +12,8 @@ use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
 use serde_json::json;
 use support::{
-    TestEnv, TestNamespace, http_client, http_get, pinned_k8s_version, repo_root, run_fails, run_ok, run_with_input,
-    unique_name, wait_for,
+    LogsOnPanic, TestEnv, TestNamespace, http_client, http_get, pinned_k8s_version, repo_root, run_fails, run_ok,
+    run_with_input, unique_name, wait_for,
 };
 
 const SPACE_CRD: &str = "spaces.hangar.dev";
@@ -30,6 +30,7 @@ async fn pods_of(ns: &TestNamespace, app: &str) -> Vec<Pod> {
 #[tokio::test]
 async fn server_reports_the_pinned_version() {
     let env = TestEnv::cluster();
+    let _logs = LogsOnPanic::new(&env, &["kube-apiserver", "etcd"]);
     let pinned = pinned_k8s_version();
     let out = run_ok(env.kubectl().args(["version", "-o", "json"]));
     let v: serde_json::Value = serde_json::from_str(&out).expect("kubectl version -o json");

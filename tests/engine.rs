@@ -5,11 +5,12 @@ mod support;
 
 use std::time::Duration;
 
-use support::{Container, TestEnv, http_client, http_get, run, run_ok, unique_name, wait_for};
+use support::{Container, LogsOnPanic, TestEnv, http_client, http_get, run, run_ok, unique_name, wait_for};
 
 #[tokio::test]
 async fn python_image_runs_in_docker_and_round_trips_the_registry() {
     let env = TestEnv::engine();
+    let _logs = LogsOnPanic::new(&env, &["dockerd", "registry"]);
     let marker = unique_name("served-by-docker");
     let tag = unique_name("t");
     let local = format!("hangar-test/pyhttp:{tag}");
@@ -51,6 +52,7 @@ async fn python_image_runs_in_docker_and_round_trips_the_registry() {
 #[tokio::test]
 async fn static_image_serves_a_site() {
     let env = TestEnv::engine();
+    let _logs = LogsOnPanic::new(&env, &["dockerd", "registry"]);
     let marker = unique_name("static-site");
     let tag = format!("hangar-test/static:{}", unique_name("t"));
     let dir = tempfile::tempdir().expect("build context");

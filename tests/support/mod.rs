@@ -385,3 +385,23 @@ impl Drop for Container {
         let _ = self.env.docker().args(["rm", "-f", &self.id]).output();
     }
 }
+
+/// Prints the tails of component logs if the test panics while this guard lives.
+pub struct LogsOnPanic {
+    env: TestEnv,
+    components: Vec<&'static str>,
+}
+
+impl LogsOnPanic {
+    pub fn new(env: &TestEnv, components: &[&'static str]) -> Self {
+        Self { env: env.clone(), components: components.to_vec() }
+    }
+}
+
+impl Drop for LogsOnPanic {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.env.dump_logs(&self.components, 40);
+        }
+    }
+}
