@@ -48,11 +48,9 @@ fn copy_dir(from: &Path, to: &Path) {
 fn fixture_repo(name: &str, marker: &str) -> tempfile::TempDir {
     let dir = tempfile::tempdir().expect("tempdir");
     copy_dir(&support::repo_root().join("tests/fixtures/spaces").join(name), dir.path());
-    for file in ["index.html"] {
-        let p = dir.path().join(file);
-        if let Ok(text) = std::fs::read_to_string(&p) {
-            std::fs::write(&p, text.replace("MARKER", marker)).expect("write");
-        }
+    let index = dir.path().join("index.html");
+    if let Ok(text) = std::fs::read_to_string(&index) {
+        std::fs::write(&index, text.replace("MARKER", marker)).expect("write");
     }
     git(dir.path(), &["init", "-q", "-b", "main"]);
     git(dir.path(), &["add", "-A"]);

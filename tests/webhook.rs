@@ -120,3 +120,16 @@ async fn bad_secrets_bad_bodies_and_other_events_change_nothing() {
     assert!(mem.writes.lock().expect("lock").is_empty(), "nothing was written");
     assert!(mem.heads.lock().expect("lock").values().all(Option::is_none));
 }
+
+#[test]
+fn the_cli_refuses_to_start_without_a_secret() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_hangar"))
+        .args(["webhook", "--listen", "127.0.0.1:0"])
+        .env_remove("HANGAR_WEBHOOK_SECRET")
+        .env_remove("HANGAR_WEBHOOK_SECRET_FILE")
+        .output()
+        .expect("run hangar");
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("no webhook secret: set HANGAR_WEBHOOK_SECRET or --secret-file"), "{stderr}");
+}
