@@ -1,5 +1,6 @@
 //! The Kubernetes controller for `Space`: load -> validate -> render (pure) -> apply -> status.
 
+pub mod builds;
 pub mod leader;
 pub mod metrics;
 pub mod placement;
@@ -56,6 +57,58 @@ pub struct OperatorArgs {
     /// This replica's identity in leader election (the pod name in a cluster).
     #[arg(long, env = "POD_NAME", default_value = "hangar-operator")]
     pub identity: String,
+    #[command(flatten)]
+    pub build: BuildArgs,
+}
+
+/// Where the operator builds Space repositories (no `--registry`: no builds).
+#[derive(Debug, Clone, clap::Args)]
+pub struct BuildArgs {
+    /// Registry (`host:port`) that built images are pushed to and pulled from.
+    #[arg(long, env = "HANGAR_REGISTRY")]
+    pub registry: Option<String>,
+    #[arg(long, env = "HANGAR_REGISTRY_USERNAME", requires = "registry_password")]
+    pub registry_username: Option<String>,
+    #[arg(long, env = "HANGAR_REGISTRY_PASSWORD", hide_env_values = true)]
+    pub registry_password: Option<String>,
+    /// Docker engine the builds run on (default: DOCKER_HOST, else the local socket).
+    #[arg(long, env = "DOCKER_HOST")]
+    pub docker_host: Option<String>,
+    /// Python base image of gradio/streamlit Spaces; `{python_version}` is replaced.
+    #[arg(long, env = "HANGAR_PYTHON_IMAGE", default_value = "python:{python_version}-slim")]
+    pub python_image: String,
+    /// Image with busybox httpd that serves static Spaces.
+    #[arg(long, env = "HANGAR_STATIC_IMAGE", default_value = "busybox:stable")]
+    pub static_image: String,
+    /// PEM bundle that images trust for pip (TLS-intercepting proxies).
+    #[arg(long, env = "HANGAR_EXTRA_CA_FILE")]
+    pub extra_ca_file: Option<PathBuf>,
+    /// Builds running at once.
+    #[arg(long, env = "HANGAR_BUILD_CONCURRENCY", default_value_t = 2)]
+    pub build_concurrency: usize,
+    /// Limit of one build, e.g. `30m`.
+    #[arg(long, env = "HANGAR_BUILD_TIMEOUT", default_value = "30m")]
+    pub build_timeout: String,
+}
+
+impl BuildArgs {
+    /// The builder, when a registry is configured.
+    pub async fn builder(&self) -> crate::Result<Option<crate::builder::Builder>> {
+        let Some(registry) = &self.registry else { return Ok(None) };
+        let mut config = crate::builder::BuilderConfig::new(registry, &self.python_image, &self.static_image);
+        config.docker_host = self.docker_host.clone();
+        config.extra_ca_file = self.extra_ca_file.clone();
+        config.max_concurrent = self.build_concurrency.max(1);
+        config.timeout = crate::space::duration::parse(&self.build_timeout)
+            .map_err(|e| crate::Error::Invalid(format!("--build-timeout: {e}")))?;
+        if let (Some(username), Some(password)) = (&self.registry_username, &self.registry_password) {
+            config.registry_credentials =
+                Some(crate::builder::RegistryCredentials { username: username.clone(), password: password.clone() });
+        }
+        let builder =
+            crate::builder::Builder::new(config).await.map_err(|e| crate::Error::Invalid(format!("builder: {e}")))?;
+        Ok(Some(builder))
+    }
 }
 
 const LEADER_LEASE: &str = "hangar-operator-leader";
@@ -90,6 +143,9 @@ pub async fn run(args: OperatorArgs) -> crate::Result<()> {
         None => placement::HardwareMapping::default(),
     };
     let client = Client::try_default().await?;
+    let builder = args.build.builder().await?;
+    let (triggers, triggered) = tokio::sync::mpsc::unbounded_channel();
+    let builds = Arc::new(builds::Builds::new(builder, client.clone(), triggers));
     let mut registry = Registry::default();
     let metrics = metrics::Metrics::new(&mut registry);
     let ready = Arc::new(AtomicBool::new(false));
@@ -99,6 +155,11 @@ pub async fn run(args: OperatorArgs) -> crate::Result<()> {
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics_handler))
         .with_state(state);
+    // Build and run logs, shaped like the hub's logs API.
+    let app = match builds.builder() {
+        Some(builder) => app.merge(crate::builder::logs::router(builder.logs().clone())),
+        None => app,
+    };
     let listener = tokio::net::TcpListener::bind(args.http_addr).await?;
     tracing::info!(addr = %args.http_addr, "operator health and metrics listening");
     tokio::spawn(async move {
@@ -121,7 +182,7 @@ pub async fn run(args: OperatorArgs) -> crate::Result<()> {
     let reporter = Reporter { controller: "hangar-operator".into(), instance: Some(args.identity.clone()) };
     let recorder = Recorder::new(client.clone(), reporter);
     let config = reconcile::OperatorConfig { domain: args.domain, url_scheme: args.url_scheme, mapping };
-    let ctx = Arc::new(reconcile::Context::new(client.clone(), recorder, metrics, config));
+    let ctx = Arc::new(reconcile::Context::new(client.clone(), recorder, metrics, config, builds));
 
     fn api<K>(client: &Client, ns: Option<&str>) -> Api<K>
     where
@@ -140,6 +201,7 @@ pub async fn run(args: OperatorArgs) -> crate::Result<()> {
             let space = pod.labels().get(SPACE_LABEL)?;
             Some(ObjectRef::new(space).within(&pod.namespace()?))
         })
+        .reconcile_on(tokio_stream::wrappers::UnboundedReceiverStream::new(triggered))
         .with_config(controller::Config::default().concurrency(16))
         .shutdown_on_signal()
         .run(reconcile::reconcile, reconcile::error_policy, ctx)

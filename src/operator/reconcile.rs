@@ -14,13 +14,14 @@ use kube::runtime::events::{Event, EventType, Recorder};
 use kube::{Api, Client, Resource, ResourceExt};
 use serde_json::json;
 
+use super::builds::{BuildState, Builds};
 use super::metrics::Metrics;
 use super::placement::HardwareMapping;
 use super::render::{self, RenderInput};
 use super::sleep;
 use super::status::{self, BuildView, Facts};
 use crate::space::naming::{self, SPACE_LABEL};
-use crate::space::{AppConfig, Space, SpaceStatus, Stage, resolve};
+use crate::space::{AppConfig, BuildStatus, ConfigError, Space, SpaceStatus, Stage, resolve};
 use crate::{Error, Result};
 
 /// Field manager of everything the operator applies.
@@ -44,13 +45,20 @@ pub struct Context {
     pub recorder: Recorder,
     pub metrics: Metrics,
     pub config: OperatorConfig,
+    pub builds: Arc<Builds>,
     /// Consecutive failures per Space, for exponential backoff.
     failures: Mutex<HashMap<String, u32>>,
 }
 
 impl Context {
-    pub fn new(client: Client, recorder: Recorder, metrics: Metrics, config: OperatorConfig) -> Self {
-        Self { client, recorder, metrics, config, failures: Mutex::new(HashMap::new()) }
+    pub fn new(
+        client: Client,
+        recorder: Recorder,
+        metrics: Metrics,
+        config: OperatorConfig,
+        builds: Arc<Builds>,
+    ) -> Self {
+        Self { client, recorder, metrics, config, builds, failures: Mutex::new(HashMap::new()) }
     }
 }
 
@@ -78,18 +86,60 @@ async fn ensure_lease(api: &Api<Lease>, space: &Space, now: Timestamp) -> Result
     }
 }
 
-/// The image the Space runs and what its build side says.
-fn image_of(space: &Space) -> (Option<String>, BuildView) {
-    match (&space.spec.image, &space.spec.source) {
-        (Some(image), _) => (Some(image.clone()), BuildView::Idle),
-        (None, Some(_)) => (
-            space.status.as_ref().and_then(|s| s.image.clone()),
-            BuildView::Building { message: "waiting for the builder".to_owned() },
-        ),
+/// What the Space runs: its configuration, image, build view and build record.
+struct Runnable {
+    config: std::result::Result<AppConfig, (Stage, String)>,
+    image: Option<String>,
+    build: BuildView,
+    record: Option<BuildStatus>,
+}
+
+fn config_error(e: ConfigError) -> (Stage, String) {
+    (Stage::ConfigError, e.to_string())
+}
+
+/// Validates the Space and finds its image: given, built, or being built.
+fn runnable(space: &Space, builds: &Arc<Builds>) -> Runnable {
+    let spec = &space.spec;
+    if let Some(image) = &spec.image {
+        let config = resolve(spec, None).map_err(config_error);
+        return Runnable { config, image: Some(image.clone()), build: BuildView::Idle, record: None };
+    }
+    if spec.source.is_none() {
         // The CRD's CEL rule forbids this; say so if it happens anyway.
-        (None, None) => {
-            (None, BuildView::Failed { stage: Stage::ConfigError, message: "spec: set source or image".into() })
+        let error = (Stage::ConfigError, "spec: set exactly one of source or image".to_owned());
+        return Runnable { config: Err(error), image: None, build: BuildView::Idle, record: None };
+    }
+    let previous_record = space.status.as_ref().and_then(|s| s.build.clone());
+    // While a build runs or after it failed, the last good build keeps serving.
+    let serving = |build: BuildView, record: Option<BuildStatus>| match builds.last_success(space) {
+        Some(out) => Runnable {
+            config: out.app_config.with_runtime_spec(spec).map_err(config_error),
+            image: Some(out.image),
+            build,
+            record,
+        },
+        None => Runnable { config: resolve(spec, None).map_err(config_error), image: None, build, record },
+    };
+    match builds.ensure(space) {
+        BuildState::Unavailable => serving(
+            BuildView::Building { message: "no builder configured: start the operator with --registry".into() },
+            previous_record,
+        ),
+        BuildState::Running { .. } => {
+            let revision = space.annotations().get(naming::HEAD_SHA_ANNOTATION).cloned();
+            let target = revision.or_else(|| spec.source.as_ref().map(|s| s.revision.clone())).unwrap_or_default();
+            serving(BuildView::Building { message: format!("building {target}") }, previous_record)
         }
+        BuildState::Failed { failure, record } => {
+            serving(BuildView::Failed { stage: failure.stage, message: failure.message }, Some(record))
+        }
+        BuildState::Built { output, record } => Runnable {
+            config: output.app_config.with_runtime_spec(spec).map_err(config_error),
+            image: Some(output.image),
+            build: BuildView::Idle,
+            record: Some(record),
+        },
     }
 }
 
@@ -111,6 +161,7 @@ async fn reconcile_inner(space: &Space, ctx: &Context) -> Result<Action> {
     if space.meta().deletion_timestamp.is_some() {
         // Owned objects go with the Space through their ownerReferences.
         ctx.metrics.set_stage(&key(space), None);
+        ctx.builds.forget(&namespace, &name);
         return Ok(Action::await_change());
     }
     let client = ctx.client.clone();
@@ -122,9 +173,7 @@ async fn reconcile_inner(space: &Space, ctx: &Context) -> Result<Action> {
 
     // Load and validate.
     let lease = ensure_lease(&leases, space, now).await?;
-    let config: std::result::Result<AppConfig, (Stage, String)> =
-        resolve(&space.spec, None).map_err(|e| (Stage::ConfigError, e.to_string()));
-    let (image, build) = image_of(space);
+    let Runnable { config, image, build, record } = runnable(space, &ctx.builds);
     let sleep_after = config.as_ref().ok().and_then(|c| c.sleep_after);
     let decision = sleep::decide(sleep::last_activity(&lease), sleep_after, now);
     let runnable = config.is_ok() && image.is_some() && !space.spec.paused;
@@ -175,6 +224,7 @@ async fn reconcile_inner(space: &Space, ctx: &Context) -> Result<Action> {
         template_hash: template_hash.as_deref(),
         pods: &pod_list,
         previous: space.status.as_ref(),
+        build_record: record,
         now,
     });
     write_status(space, ctx, &desired).await?;

@@ -56,6 +56,8 @@ pub struct Facts<'a> {
     pub template_hash: Option<&'a str>,
     pub pods: &'a [Pod],
     pub previous: Option<&'a SpaceStatus>,
+    /// The build record for `status.build` (source Spaces).
+    pub build_record: Option<crate::space::BuildStatus>,
     pub now: Timestamp,
 }
 
@@ -184,7 +186,7 @@ pub fn derive(facts: &Facts) -> SpaceStatus {
             current: current_hardware,
         }),
         replicas: Some(ReplicaStatus { requested: facts.replicas_requested, current: ready_replicas }),
-        build: facts.previous.and_then(|p| p.build.clone()),
+        build: facts.build_record.clone(),
     }
 }
 
@@ -235,6 +237,7 @@ mod tests {
             template_hash: Some(HASH),
             pods,
             previous: None,
+            build_record: None,
             now: Timestamp::from_second(1_700_000_000).expect("valid time"),
         }
     }

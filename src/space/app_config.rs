@@ -120,6 +120,23 @@ pub fn resolve(spec: &SpaceSpec, front_matter: Option<&FrontMatter>) -> Result<A
     })
 }
 
+impl AppConfig {
+    /// Re-applies the spec fields that do not change the image (hardware,
+    /// sleep and startup times) to a configuration resolved at build time, so
+    /// changing them needs no rebuild.
+    pub fn with_runtime_spec(mut self, spec: &SpaceSpec) -> Result<Self, ConfigError> {
+        self.flavor = hardware::lookup(&spec.hardware).map_err(|e| ConfigError::new("spec.hardware", e))?;
+        self.sleep_after = match &spec.sleep_after {
+            Some(s) => duration::parse_sleep(s).map_err(|e| ConfigError::new("spec.sleepAfter", e))?,
+            None => self.flavor.default_sleep_after,
+        };
+        if let Some(s) = &spec.startup_timeout {
+            self.startup_timeout = duration::parse(s).map_err(|e| ConfigError::new("spec.startupTimeout", e))?;
+        }
+        Ok(self)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -177,6 +194,22 @@ mod tests {
         };
         let cfg = resolve(&image, None).expect("valid");
         assert_eq!((cfg.sdk, cfg.app_port, cfg.app_file, cfg.sleep_after), (Sdk::Docker, 7860, None, None));
+    }
+
+    #[test]
+    fn runtime_fields_follow_the_spec_without_a_rebuild() {
+        let fm =
+            FrontMatter { sdk: Some(Sdk::Gradio), startup_duration_timeout: Some("1h".into()), ..Default::default() };
+        let built = resolve(&git_spec(), Some(&fm)).expect("valid");
+        let spec = SpaceSpec { hardware: "a10g-large".into(), sleep_after: Some("never".into()), ..git_spec() };
+        let now = built.clone().with_runtime_spec(&spec).expect("valid");
+        assert_eq!(
+            (now.flavor.name, now.sleep_after, now.startup_timeout),
+            ("a10g-large", None, Duration::from_secs(3600))
+        );
+        assert_eq!(now.app_port, built.app_port);
+        let bad = SpaceSpec { hardware: "nope".into(), ..git_spec() };
+        assert_eq!(built.with_runtime_spec(&bad).expect_err("unknown flavor").field, "spec.hardware");
     }
 
     #[test]
