@@ -1,0 +1,260 @@
+//! Cluster tier: the Kubernetes route source against the test bed's real
+//! kube-apiserver. Spaces, EndpointSlices and Secrets are real API objects the
+//! source watches, and the test plays the operator's part: it flips
+//! `status.stage` and endpoint readiness when the Lease says "wake".
+//!
+//! The apiserver refuses loopback endpoint addresses, so the slices carry a
+//! documentation address (192.0.2.10, never contacted) and a thin wrapper maps
+//! it to the loopback upstream: every byte this test sends stays on loopback.
+
+mod proxy_support;
+mod support;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use futures::future::BoxFuture;
+use hangar::proxy::{KubeSource, KubeSourceConfig, ProxyConfig, RouteSource, RouteTable, SourceError, SpaceKey};
+use hangar::space::{Space, naming};
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
+use proxy_support::{DOMAIN, Upstream, client};
+use serde_json::json;
+use support::{TestNamespace, repo_root, run, run_ok, wait_for};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+async fn install_crd(ns: &TestNamespace) {
+    run_ok(ns.env.kubectl().args(["apply", "--server-side", "--force-conflicts", "-f"]).arg(repo_root().join("crds")));
+    // `kubectl wait` fails outright while a fresh CRD has no conditions yet.
+    let jsonpath = r#"jsonpath={.status.conditions[?(@.type=="Established")].status}"#;
+    wait_for("the Space CRD to be established", Duration::from_secs(30), || async {
+        let out = run(ns.env.kubectl().args(["get", "crd", "spaces.hangar.dev", "-o", jsonpath]))?;
+        Ok((out.trim() == "True").then_some(()))
+    })
+    .await;
+}
+
+/// TEST-NET-1: what the slices say; mapped to 127.0.0.1 before the proxy sees it.
+const STAND_IN_IP: &str = "192.0.2.10";
+
+/// The Kubernetes source, with endpoint addresses moved to loopback (same port).
+struct ToLoopback {
+    inner: Arc<KubeSource>,
+    tx: watch::Sender<Arc<RouteTable>>,
+}
+
+impl ToLoopback {
+    fn new(inner: Arc<KubeSource>) -> Arc<Self> {
+        let mut rx = inner.routes();
+        let (tx, _) = watch::channel(Arc::new(to_loopback(&rx.borrow_and_update())));
+        let this = Arc::new(Self { inner, tx: tx.clone() });
+        tokio::spawn(async move {
+            while rx.changed().await.is_ok() {
+                let table = to_loopback(&rx.borrow_and_update());
+                tx.send_replace(Arc::new(table));
+            }
+        });
+        this
+    }
+}
+
+fn to_loopback(table: &RouteTable) -> RouteTable {
+    let routes = table.routes().map(|r| {
+        let mut r = (**r).clone();
+        for a in &mut r.endpoints {
+            assert_eq!(a.ip().to_string(), STAND_IN_IP, "only the test's stand-in address is mapped");
+            *a = SocketAddr::from(([127, 0, 0, 1], a.port()));
+        }
+        r
+    });
+    RouteTable::new(table.domain(), routes)
+}
+
+impl RouteSource for ToLoopback {
+    fn routes(&self) -> watch::Receiver<Arc<RouteTable>> {
+        self.tx.subscribe()
+    }
+    fn wake(&self, space: &SpaceKey) -> BoxFuture<'static, Result<(), SourceError>> {
+        self.inner.wake(space)
+    }
+    fn record_activity(&self, space: &SpaceKey, at: SystemTime) -> BoxFuture<'static, Result<(), SourceError>> {
+        self.inner.record_activity(space, at)
+    }
+}
+
+fn endpoint_slice(space: &str, port: u16, ready: bool) -> EndpointSlice {
+    serde_json::from_value(json!({
+        "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+        "metadata": {"name": format!("{}-test", naming::workload_name(space)),
+                     "labels": {"kubernetes.io/service-name": naming::workload_name(space)}},
+        "addressType": "IPv4",
+        "endpoints": [{"addresses": [STAND_IN_IP], "conditions": {"ready": ready}}],
+        "ports": [{"name": "http", "port": port, "protocol": "TCP"}],
+    }))
+    .expect("endpoint slice")
+}
+
+async fn set_stage(spaces: &Api<Space>, name: &str, stage: &str) {
+    spaces
+        .patch_status(name, &PatchParams::default(), &Patch::Merge(json!({"status": {"stage": stage}})))
+        .await
+        .unwrap_or_else(|e| panic!("setting {name}'s stage to {stage}: {e}"));
+}
+
+async fn set_ready(slices: &Api<EndpointSlice>, space: &str, port: u16, ready: bool) {
+    slices
+        .patch(
+            &format!("{}-test", naming::workload_name(space)),
+            &PatchParams::apply("proxy-test").force(),
+            &Patch::Apply(endpoint_slice(space, port, ready)),
+        )
+        .await
+        .expect("applying the endpoint slice");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kubernetes_source_routes_wakes_through_the_lease_and_checks_tokens() {
+    let ns = TestNamespace::new("proxy", &["kube-apiserver"]).await;
+    install_crd(&ns).await;
+    let up = Upstream::start("from-cluster").await;
+    let port = up.addr.port();
+    let spaces: Api<Space> = ns.api();
+    let slices: Api<EndpointSlice> = ns.api();
+    let leases: Api<Lease> = ns.api();
+    let secrets: Api<Secret> = ns.api();
+
+    for (name, visibility) in [("demo", "public"), ("secret", "private")] {
+        let space: Space = serde_json::from_value(json!({
+            "apiVersion": "hangar.dev/v1alpha1", "kind": "Space",
+            "metadata": {"name": name},
+            "spec": {"image": "registry.test/app:1", "appPort": port, "visibility": visibility, "startupTimeout": "30s"},
+        }))
+        .expect("space");
+        spaces.create(&PostParams::default(), &space).await.expect("creating a Space");
+        set_stage(&spaces, name, "RUNNING").await;
+        slices.create(&PostParams::default(), &endpoint_slice(name, port, true)).await.expect("creating a slice");
+    }
+    let token: Secret = serde_json::from_value(json!({
+        "apiVersion": "v1", "kind": "Secret",
+        "metadata": {"name": hangar::proxy::kubernetes::token_secret_name("secret"),
+                     "labels": {naming::SPACE_LABEL: "secret"}},
+        "stringData": {"token": "hf_cluster_token"},
+    }))
+    .expect("secret");
+    secrets.create(&PostParams::default(), &token).await.expect("creating the token Secret");
+
+    let cancel = CancellationToken::new();
+    let source = KubeSource::start(
+        ns.client.clone(),
+        KubeSourceConfig { domain: DOMAIN.into(), namespace: Some(ns.name.clone()) },
+        cancel.clone(),
+    );
+    tokio::time::timeout(Duration::from_secs(30), source.synced()).await.expect("the source syncs");
+    let demo = SpaceKey::new(ns.name.clone(), "demo");
+    let mut routes = source.routes();
+    tokio::time::timeout(
+        Duration::from_secs(10),
+        routes.wait_for(|t| t.get(&demo).is_some_and(|r| r.is_ready()) && t.len() == 2),
+    )
+    .await
+    .expect("both Spaces routed")
+    .expect("source alive");
+
+    let loopback = ToLoopback::new(Arc::clone(&source));
+    let proxy = hangar::proxy::start(
+        ProxyConfig {
+            listen: "127.0.0.1:0".parse().expect("addr"),
+            activity_interval: Duration::from_millis(500),
+            ..ProxyConfig::default()
+        },
+        loopback.clone(),
+    )
+    .await
+    .expect("proxy starts");
+    let c = client();
+    let host = naming::host(&ns.name, "demo", DOMAIN);
+    let get = |path: &str| c.get(format!("http://{}{path}", proxy.addr)).header("host", host.clone());
+
+    // Routed by host, from watched objects.
+    let r = get("/whoami").send().await.expect("request");
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.text().await.expect("body"), "from-cluster");
+    // Activity: the Lease appears, held by the proxy.
+    let lease_name = naming::activity_lease_name("demo");
+    let first = wait_for("the activity Lease", Duration::from_secs(10), || async {
+        Ok(leases
+            .get_opt(&lease_name)
+            .await?
+            .and_then(|l| l.spec)
+            .and_then(|s| s.renew_time.map(|t| (s.holder_identity, t))))
+    })
+    .await;
+    assert_eq!(first.0.as_deref(), Some(naming::LEASE_HOLDER));
+
+    // Asleep: the operator set SLEEPING and scaled to zero (no ready endpoint).
+    set_ready(&slices, "demo", port, false).await;
+    set_stage(&spaces, "demo", "SLEEPING").await;
+    tokio::time::timeout(Duration::from_secs(10), routes.wait_for(|t| t.get(&demo).is_some_and(|r| !r.is_ready())))
+        .await
+        .expect("the source sees the Space asleep")
+        .expect("source alive");
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let before_wake = leases.get(&lease_name).await.expect("lease").spec.and_then(|s| s.renew_time).expect("renewTime");
+
+    // 30 concurrent requests are held; the Lease renewal is the wake signal.
+    let t0 = Instant::now();
+    let held: Vec<_> = (0..30)
+        .map(|i| {
+            let req = get(&format!("/held/{i}"));
+            tokio::spawn(async move {
+                let r = req.send().await.expect("request");
+                (r.status().as_u16(), r.json::<serde_json::Value>().await.expect("json")["uri"].clone())
+            })
+        })
+        .collect();
+    let woken = wait_for("the wake signal (a renewed Lease)", Duration::from_secs(10), || async {
+        let t = leases.get(&lease_name).await?.spec.and_then(|s| s.renew_time);
+        Ok(t.filter(|t| t.0 > before_wake.0).map(|_| Instant::now()))
+    })
+    .await;
+    eprintln!("wake signal written {:?} after the first held request", woken - t0);
+    // The operator's part: starting, then running with a ready endpoint.
+    set_stage(&spaces, "demo", "APP_STARTING").await;
+    set_ready(&slices, "demo", port, true).await;
+    set_stage(&spaces, "demo", "RUNNING").await;
+    for (i, h) in held.into_iter().enumerate() {
+        let (status, uri) = h.await.expect("task");
+        assert_eq!((status, uri), (200, json!(format!("/held/{i}"))), "held request {i}");
+    }
+    let metrics = proxy.metrics_text();
+    let wakes = format!(r#"hangar_proxy_wakes_total{{namespace="{}",space="demo"}} 1"#, ns.name);
+    assert!(metrics.contains(&wakes), "exactly one wake for 30 requests:\n{metrics}");
+
+    // Private Space: token from the watched Secret.
+    let secret_host = naming::host(&ns.name, "secret", DOMAIN);
+    let private = |token: Option<&str>| {
+        let r = c.get(format!("http://{}/whoami", proxy.addr)).header("host", secret_host.clone());
+        match token {
+            Some(t) => r.bearer_auth(t),
+            None => r,
+        }
+    };
+    assert_eq!(private(None).send().await.expect("request").status(), 401);
+    assert_eq!(private(Some("wrong")).send().await.expect("request").status(), 401);
+    assert_eq!(private(Some("hf_cluster_token")).send().await.expect("request").status(), 200);
+
+    // Deleted: 404.
+    spaces.delete("demo", &DeleteParams::default()).await.expect("delete");
+    tokio::time::timeout(Duration::from_secs(10), loopback.routes().wait_for(|t| t.get(&demo).is_none()))
+        .await
+        .expect("the proxy's table drops the Space")
+        .expect("source alive");
+    assert_eq!(get("/whoami").send().await.expect("request").status(), 404);
+
+    proxy.shutdown().await.expect("clean shutdown");
+    cancel.cancel();
+}
