@@ -115,6 +115,11 @@ impl Engine {
         found.descriptor.digest
     }
 
+    /// The id (`sha256:...`) of a local image, if the engine has it.
+    pub async fn local_image_id(&self, reference: &str) -> Option<String> {
+        self.docker.inspect_image(reference).await.ok()?.id
+    }
+
     /// Builds `context_tar` (streamed from disk) into `tag`; every output
     /// line goes to `on_line`. Returns the image id.
     pub async fn build(

@@ -65,8 +65,13 @@ pub const FAILURE_TAIL_LINES: usize = 20;
 pub struct BuilderConfig {
     /// `unix:///run/docker.sock`, `tcp://host:2375`; `None`: `DOCKER_HOST`.
     pub docker_host: Option<String>,
-    /// `host:port` of the registry images are pushed to.
+    /// `host:port` of the registry images are pushed to (with `push` off:
+    /// just the prefix of the local image names).
     pub registry: String,
+    /// Push images to `registry`. Off for one engine that both builds and
+    /// runs (local mode): images stay local, reuse looks at the engine only,
+    /// and `BuildOutput::image` is `<repository>:<tag>` without a digest.
+    pub push: bool,
     pub registry_credentials: Option<RegistryCredentials>,
     /// Python base image of gradio/streamlit Spaces; `{python_version}` is
     /// replaced by the Space's (e.g. `python:{python_version}-slim`).
@@ -95,6 +100,7 @@ impl BuilderConfig {
         Self {
             docker_host: None,
             registry: registry.into(),
+            push: true,
             registry_credentials: None,
             python_base_image: python_base_image.into(),
             static_server: StaticServer::busybox(static_image),
@@ -155,7 +161,7 @@ pub struct BuildOutput {
     pub repository: String,
     /// `<commit>-<key16>`; the image is also tagged `<commit>`.
     pub tag: String,
-    /// `sha256:...` of the pushed manifest.
+    /// `sha256:...` of the pushed manifest (with `push` off: the local image id).
     pub digest: String,
     /// The resolved commit sha (for `status.build.revision`).
     pub commit: String,
@@ -370,10 +376,15 @@ impl Builder {
         let tag = key::keyed_tag(&commit, &build_key);
         let engine = &self.inner.engine;
 
-        if let Some(digest) = engine.pushed_digest(&repository, &tag).await {
+        let existing = if cfg.push {
+            engine.pushed_digest(&repository, &tag).await.map(|d| (format!("{repository}:{tag}@{d}"), d))
+        } else {
+            engine.local_image_id(&format!("{repository}:{tag}")).await.map(|id| (format!("{repository}:{tag}"), id))
+        };
+        if let Some((image, digest)) = existing {
             log(&format!("[hangar] {repository}:{tag} is already built ({digest}): reusing it"));
             return Ok(BuildOutput {
-                image: format!("{repository}:{tag}@{digest}"),
+                image,
                 repository,
                 tag,
                 digest,
@@ -408,17 +419,34 @@ impl Builder {
         ]
         .into();
         let full_tag = format!("{repository}:{tag}");
-        engine.build(&tar, &build_plan.dockerfile_path, &full_tag, &build_args, &labels, log).await.map_err(|f| {
-            let msg = match f.step {
-                Some(step) => format!("{step} failed: {}", f.message),
-                None => f.message,
-            };
-            (FailureKind::Build, msg)
-        })?;
+        let image_id = engine
+            .build(&tar, &build_plan.dockerfile_path, &full_tag, &build_args, &labels, log)
+            .await
+            .map_err(|f| {
+                let msg = match f.step {
+                    Some(step) => format!("{step} failed: {}", f.message),
+                    None => f.message,
+                };
+                (FailureKind::Build, msg)
+            })?;
         engine
             .tag(&full_tag, &repository, &commit)
             .await
             .map_err(|e| (FailureKind::Internal, format!("tagging {repository}:{commit}: {e}")))?;
+        if !cfg.push {
+            log(&format!("[hangar] built {full_tag} ({image_id}) in {:.1}s", started.elapsed().as_secs_f64()));
+            return Ok(BuildOutput {
+                image: full_tag,
+                repository,
+                tag,
+                digest: image_id,
+                commit,
+                key: build_key,
+                app_config: build_plan.app_config,
+                reused: false,
+                duration: started.elapsed(),
+            });
+        }
         log(&format!("[hangar] pushing {full_tag}"));
         let digest = engine.push(&repository, &tag, log).await.map_err(|e| (FailureKind::Push, e.0))?;
         engine.push(&repository, &commit, log).await.map_err(|e| (FailureKind::Push, e.0))?;
