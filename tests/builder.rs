@@ -350,6 +350,23 @@ async fn builds_queue_time_out_and_cancel() {
     let f = r.expect_err("cancelled");
     assert_eq!(f.kind, FailureKind::Cancelled);
     assert!(t1.elapsed() < Duration::from_secs(4), "{:?}", t1.elapsed());
+
+    // A newer build of the same Space supersedes the running one; the log is the newer build's.
+    let old = sleepy_repo(&env, 120, &unique_name("old"));
+    let new_marker = unique_name("newer");
+    let new = sleepy_repo(&env, 0, &new_marker);
+    let (r_old, r_new) = tokio::join!(b.build(request(&ns, "busy", old.path())), async {
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        b.build(request(&ns, "busy", new.path())).await
+    });
+    let f = r_old.expect_err("superseded");
+    assert_eq!(f.kind, FailureKind::Cancelled);
+    assert!(f.message.contains("superseded by a newer build"), "{}", f.message);
+    let out = ok(r_new);
+    assert_eq!(out.commit, git(new.path(), &["rev-parse", "HEAD"]));
+    let log = b.logs().tail(&format!("{ns}/busy"), LogKind::Build, 1000).join("\n");
+    assert!(log.contains(&new_marker), "{log}");
+    assert!(!log.contains("superseded") && !log.contains("sleep 120"), "the old build wrote into the new log: {log}");
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -46,6 +46,8 @@ struct Log {
     closed: bool,
     /// Values (Space secrets) that must never be shown; replaced on append.
     redact: Vec<String>,
+    /// Which `start` made this log: writers of an older one are ignored.
+    generation: u64,
 }
 
 /// The log store; clones share it.
@@ -53,6 +55,45 @@ struct Log {
 pub struct LogStore {
     inner: Arc<Mutex<HashMap<(String, LogKind), Log>>>,
     capacity: usize,
+    generations: Arc<std::sync::atomic::AtomicU64>,
+}
+
+/// Writes one started log; once the log is restarted (a newer build), its
+/// lines and close are dropped, so a superseded build cannot pollute the new log.
+#[derive(Debug, Clone)]
+pub struct LogWriter {
+    store: LogStore,
+    space: String,
+    kind: LogKind,
+    generation: u64,
+    /// This writer's own last lines (redacted), whatever became of the log.
+    recent: Arc<Mutex<VecDeque<String>>>,
+}
+
+/// Lines a [`LogWriter`] remembers for [`LogWriter::tail`].
+const WRITER_TAIL: usize = 200;
+
+impl LogWriter {
+    pub fn line(&self, line: &str) {
+        let data = self.store.append_gen(&self.space, self.kind, Some(self.generation), line);
+        let data = data.unwrap_or_else(|| line.trim_end_matches(['\r', '\n']).to_owned());
+        let mut recent = self.recent.lock().unwrap_or_else(|p| p.into_inner());
+        if recent.len() == WRITER_TAIL {
+            recent.pop_front();
+        }
+        recent.push_back(data);
+    }
+
+    /// The last `n` lines written through this writer.
+    pub fn tail(&self, n: usize) -> Vec<String> {
+        let recent = self.recent.lock().unwrap_or_else(|p| p.into_inner());
+        recent.iter().skip(recent.len().saturating_sub(n)).cloned().collect()
+    }
+
+    /// Ends the log: live readers stop after the last line.
+    pub fn close(&self) {
+        self.store.close_gen(&self.space, self.kind, Some(self.generation));
+    }
 }
 
 impl Default for LogStore {
@@ -70,7 +111,7 @@ pub struct Subscription {
 impl LogStore {
     /// Keeps the last `capacity` lines of each log.
     pub fn new(capacity: usize) -> Self {
-        Self { inner: Arc::default(), capacity: capacity.max(1) }
+        Self { inner: Arc::default(), capacity: capacity.max(1), generations: Arc::default() }
     }
 
     fn lock(&self) -> MutexGuard<'_, HashMap<(String, LogKind), Log>> {
@@ -78,22 +119,33 @@ impl LogStore {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn new_log(redact: Vec<String>) -> Log {
+    fn new_log(redact: Vec<String>, generation: u64) -> Log {
         let (tx, _) = broadcast::channel(1024);
-        Log { lines: VecDeque::new(), tx, closed: false, redact }
+        Log { lines: VecDeque::new(), tx, closed: false, redact, generation }
     }
 
     /// Starts a fresh log (a new build): earlier lines are dropped, readers
     /// of the old one see it end. `redact` lists values never to show.
-    pub fn start(&self, space: &str, kind: LogKind, redact: Vec<String>) {
+    pub fn start(&self, space: &str, kind: LogKind, redact: Vec<String>) -> LogWriter {
         let redact = redact.into_iter().filter(|s| !s.is_empty()).collect();
-        self.lock().insert((space.to_owned(), kind), Self::new_log(redact));
+        let generation = self.generations.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+        // Dropping the old log's sender ends its live readers.
+        self.lock().insert((space.to_owned(), kind), Self::new_log(redact, generation));
+        LogWriter { store: self.clone(), space: space.to_owned(), kind, generation, recent: Arc::default() }
     }
 
     /// Appends one line (secrets redacted), stamped now.
     pub fn append(&self, space: &str, kind: LogKind, line: &str) {
+        self.append_gen(space, kind, None, line);
+    }
+
+    /// Appends unless `generation` is stale; returns the line as stored.
+    fn append_gen(&self, space: &str, kind: LogKind, generation: Option<u64>, line: &str) -> Option<String> {
         let mut logs = self.lock();
-        let log = logs.entry((space.to_owned(), kind)).or_insert_with(|| Self::new_log(Vec::new()));
+        let log = logs.entry((space.to_owned(), kind)).or_insert_with(|| Self::new_log(Vec::new(), 0));
+        if generation.is_some_and(|g| g != log.generation) {
+            return None;
+        }
         let mut data = line.trim_end_matches(['\r', '\n']).to_owned();
         for secret in &log.redact {
             if data.contains(secret.as_str()) {
@@ -105,14 +157,22 @@ impl LogStore {
             log.lines.pop_front();
         }
         log.lines.push_back(entry.clone());
+        let data = entry.data.clone();
         // No receivers is fine: nobody is watching right now.
         let _ = log.tx.send(entry);
+        Some(data)
     }
 
     /// Marks a log finished: live readers end after the last line.
     pub fn close(&self, space: &str, kind: LogKind) {
+        self.close_gen(space, kind, None);
+    }
+
+    fn close_gen(&self, space: &str, kind: LogKind, generation: Option<u64>) {
         let mut logs = self.lock();
-        if let Some(log) = logs.get_mut(&(space.to_owned(), kind)) {
+        if let Some(log) = logs.get_mut(&(space.to_owned(), kind))
+            && generation.is_none_or(|g| g == log.generation)
+        {
             log.closed = true;
             // Replacing the sender drops the old one: receivers see `Closed`.
             log.tx = broadcast::channel(1).0;
@@ -223,9 +283,17 @@ mod tests {
         s.close("a/b", LogKind::Build);
         assert!(s.subscribe("a/b", LogKind::Build).expect("log").live.is_none());
         assert!(s.subscribe("a/b", LogKind::Run).is_none());
-        // A new build starts empty.
-        s.start("a/b", LogKind::Build, vec![]);
+        // A new build starts empty, and the old build's writer no longer reaches it.
+        let old = s.start("a/b", LogKind::Build, vec![]);
+        let new = s.start("a/b", LogKind::Build, vec![]);
         assert!(s.tail("a/b", LogKind::Build, 10).is_empty());
+        old.line("stale");
+        old.close();
+        new.line("fresh");
+        assert_eq!(s.tail("a/b", LogKind::Build, 10), ["fresh"]);
+        assert!(s.subscribe("a/b", LogKind::Build).expect("log").live.is_some(), "still open");
+        new.close();
+        assert!(s.subscribe("a/b", LogKind::Build).expect("log").live.is_none());
     }
 
     #[tokio::test]

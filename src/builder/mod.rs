@@ -53,7 +53,7 @@ use crate::space::naming::space_id;
 use crate::space::{AppConfig, GitSource, SpaceSpec, Stage};
 
 pub use engine::{Engine, EngineError, RegistryCredentials};
-pub use logs::{LogKind, LogLine, LogStore};
+pub use logs::{LogKind, LogLine, LogStore, LogWriter};
 pub use plan::{BuildPlan, PlanError, PlanSettings, StaticServer};
 pub use source::GitCredentials;
 
@@ -234,6 +234,9 @@ struct Inner {
     logs: LogStore,
     queue: Semaphore,
     extra_ca: Option<(Vec<u8>, String)>,
+    /// The running or queued build of each Space, to supersede.
+    in_flight: std::sync::Mutex<HashMap<String, (u64, CancellationToken)>>,
+    tickets: std::sync::atomic::AtomicU64,
 }
 
 impl Builder {
@@ -263,7 +266,17 @@ impl Builder {
             None => None,
         };
         let queue = Semaphore::new(config.max_concurrent.max(1));
-        Ok(Self { inner: Arc::new(Inner { config, engine, logs, queue, extra_ca }) })
+        Ok(Self {
+            inner: Arc::new(Inner {
+                config,
+                engine,
+                logs,
+                queue,
+                extra_ca,
+                in_flight: Default::default(),
+                tickets: Default::default(),
+            }),
+        })
     }
 
     /// The build and run logs.
@@ -283,14 +296,28 @@ impl Builder {
 
     /// Checks out, plans, builds (or reuses) and pushes the Space's image.
     /// The log (`LogKind::Build` of `owner/name`) restarts with this build.
+    /// A build of the same Space still queued or running is superseded: it is
+    /// cancelled (its failure says so) and writes nothing more to the log.
     pub async fn build(&self, req: BuildRequest) -> Result<BuildOutput, BuildFailure> {
         let id = req.space_id();
-        let logs = &self.inner.logs;
-        logs.start(&id, LogKind::Build, req.redact.clone());
-        let result = self.queued_build(&req, &id).await;
+        let log = self.inner.logs.start(&id, LogKind::Build, req.redact.clone());
+        let superseded = CancellationToken::new();
+        let ticket = self.inner.tickets.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let previous = self.in_flight().insert(id.clone(), (ticket, superseded.clone()));
+        if let Some((_, previous)) = previous {
+            previous.cancel();
+        }
+        let result = self.queued_build(&req, &log, &superseded).await;
+        {
+            let mut in_flight = self.in_flight();
+            // Only forget our own entry: a newer build may have replaced it.
+            if in_flight.get(&id).is_some_and(|(t, _)| *t == ticket) {
+                in_flight.remove(&id);
+            }
+        }
         let result = result.map_err(|(kind, what, commit)| {
-            logs.append(&id, LogKind::Build, &format!("[hangar] build failed: {what}"));
-            let log_tail = logs.tail(&id, LogKind::Build, FAILURE_TAIL_LINES);
+            log.line(&format!("[hangar] build failed: {what}"));
+            let log_tail = log.tail(FAILURE_TAIL_LINES);
             let mut message = redact(&what, &req.redact);
             // The tail helps when the engine's message alone does not say why.
             if matches!(kind, FailureKind::Build) && !log_tail.is_empty() {
@@ -299,22 +326,28 @@ impl Builder {
             }
             BuildFailure { stage: kind.stage(), kind, message, commit, log_tail }
         });
-        logs.close(&id, LogKind::Build);
+        log.close();
         result
+    }
+
+    fn in_flight(&self) -> std::sync::MutexGuard<'_, HashMap<String, (u64, CancellationToken)>> {
+        // The map holds plain tokens: after a panic elsewhere it is still usable.
+        self.inner.in_flight.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     async fn queued_build(
         &self,
         req: &BuildRequest,
-        id: &str,
+        log: &LogWriter,
+        superseded: &CancellationToken,
     ) -> Result<BuildOutput, (FailureKind, String, Option<String>)> {
-        let logs = &self.inner.logs;
         if self.inner.queue.available_permits() == 0 {
-            logs.append(id, LogKind::Build, "[hangar] waiting for a free build slot");
+            log.line("[hangar] waiting for a free build slot");
         }
         let _permit = tokio::select! {
             permit = self.inner.queue.acquire() => permit.map_err(|_| (FailureKind::Internal, "the builder is shutting down".to_owned(), None))?,
             () = req.cancel.cancelled() => return Err((FailureKind::Cancelled, "cancelled while queued".to_owned(), None)),
+            () = superseded.cancelled() => return Err((FailureKind::Cancelled, "superseded by a newer build of this Space while queued".to_owned(), None)),
         };
         let timeout = self.inner.config.timeout;
         // The commit, once known, is part of every failure after the checkout.
@@ -323,24 +356,25 @@ impl Builder {
         // Dropping the work future on timeout/cancel closes the engine
         // connection, and the engine then stops the build.
         tokio::select! {
-            r = tokio::time::timeout(timeout, self.run(req, id, &commit)) => match r {
+            r = tokio::time::timeout(timeout, self.run(req, log, &commit)) => match r {
                 Ok(r) => r.map_err(|(k, m)| (k, m, seen())),
                 Err(_) => Err((FailureKind::Timeout, format!("timed out after {}s", timeout.as_secs()), seen())),
             },
             () = req.cancel.cancelled() => Err((FailureKind::Cancelled, "cancelled".to_owned(), seen())),
+            () = superseded.cancelled() => Err((FailureKind::Cancelled, "superseded by a newer build of this Space".to_owned(), seen())),
         }
     }
 
     async fn run(
         &self,
         req: &BuildRequest,
-        id: &str,
+        log: &LogWriter,
         commit_out: &std::sync::Mutex<Option<String>>,
     ) -> Result<BuildOutput, (FailureKind, String)> {
         let started = Instant::now();
         let cfg = &self.inner.config;
-        let logs = &self.inner.logs;
-        let log = |line: &str| logs.append(id, LogKind::Build, line);
+        let id = req.space_id();
+        let log = |line: &str| log.line(line);
         let work = tempfile::Builder::new().prefix("hangar-build-").tempdir_in(&cfg.work_dir).map_err(|e| {
             (FailureKind::Internal, format!("cannot make a work directory in {}: {e}", cfg.work_dir.display()))
         })?;
@@ -413,7 +447,7 @@ impl Builder {
 
         let build_args: HashMap<String, String> = build_plan.build_args.clone().into_iter().collect();
         let labels: HashMap<String, String> = [
-            ("hangar.dev/space".to_owned(), id.to_owned()),
+            ("hangar.dev/space".to_owned(), id.clone()),
             ("hangar.dev/commit".to_owned(), commit.clone()),
             ("hangar.dev/build-key".to_owned(), build_key.clone()),
         ]
