@@ -27,12 +27,3 @@ fn help_lists_every_command() {
         assert!(help.lines().any(|l| l.trim_start().starts_with(command)), "--help lacks {command}:\n{help}");
     }
 }
-
-#[test]
-fn unbuilt_commands_say_so_with_exit_code_2() {
-    for command in ["webhook"] {
-        let out = hangar(&[command]);
-        assert_eq!(out.status.code(), Some(2), "{command}");
-        assert!(String::from_utf8_lossy(&out.stderr).contains("not implemented yet"), "{command}");
-    }
-}
