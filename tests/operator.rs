@@ -3,9 +3,6 @@
 
 mod support;
 
-use std::net::TcpListener;
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use hangar::space::naming;
@@ -17,6 +14,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
 use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::{Api, ResourceExt};
 use serde_json::json;
+use support::operator::Operator;
 use support::{TestNamespace, run_ok, wait_for};
 
 /// Test mapping: tiny requests so every flavor fits the simulated nodes, and
@@ -30,64 +28,11 @@ flavors:
     nodeSelector: {type: kwok}
 ";
 
-/// `hangar operator` watching one namespace; killed on drop, log printed on panic.
-struct Operator {
-    child: Child,
-    log: PathBuf,
-    http: String,
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("a free loopback port")
-}
-
-impl Operator {
-    fn start(ns: &TestNamespace) -> Self {
-        let dir = ns.env.state.join("operator-tests");
-        std::fs::create_dir_all(&dir).expect("operator test dir");
-        let mapping = dir.join(format!("{}-mapping.yaml", ns.name));
-        std::fs::write(&mapping, MAPPING).expect("write mapping");
-        let log = dir.join(format!("{}-{}.log", ns.name, support::unique_name("op")));
-        let out = std::fs::File::create(&log).expect("operator log");
-        let err = out.try_clone().expect("operator log");
-        let http = format!("127.0.0.1:{}", free_port());
-        let child = Command::new(env!("CARGO_BIN_EXE_hangar"))
-            .args(["operator", "--namespace", &ns.name, "--domain", "hf.test", "--url-scheme", "http"])
-            .arg("--hardware-mapping")
-            .arg(&mapping)
-            .args(["--http-addr", &http])
-            .env("KUBECONFIG", &ns.env.kubeconfig)
-            .env("RUST_LOG", "info,hangar=debug")
-            .stdout(Stdio::from(out))
-            .stderr(Stdio::from(err))
-            .spawn()
-            .expect("start hangar operator");
-        Self { child, log, http }
-    }
-
-    fn kill(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for Operator {
-    fn drop(&mut self) {
-        self.kill();
-        if std::thread::panicking() {
-            let text = std::fs::read_to_string(&self.log).unwrap_or_default();
-            let lines: Vec<&str> = text.lines().collect();
-            eprintln!("----- tail of operator log {} -----", self.log.display());
-            eprintln!("{}", lines[lines.len().saturating_sub(60)..].join("\n"));
-        }
-    }
-}
-
 async fn setup(prefix: &str) -> (TestNamespace, Operator) {
     let ns = TestNamespace::new(prefix, &["kube-scheduler", "kube-controller-manager", "kwok"]).await;
     run_ok(ns.env.kubectl().arg("apply").arg("-f").arg(support::repo_root().join("crds")));
     run_ok(ns.env.kubectl().args(["wait", "--for=condition=Established", "crd/spaces.hangar.dev", "--timeout=30s"]));
-    let operator = Operator::start(&ns);
+    let operator = Operator::start(&ns, MAPPING, &[]);
     (ns, operator)
 }
 
@@ -256,7 +201,7 @@ async fn restart_converges_without_duplicates_deletion_leaves_nothing_and_rest_m
     // Kill the operator while it works, start another.
     tokio::time::sleep(Duration::from_millis(700)).await;
     operator.kill();
-    let _operator = Operator::start(&ns);
+    let _operator = Operator::start(&ns, MAPPING, &[]);
     for i in 0..5 {
         wait_stage(&ns, &format!("s{i}"), Stage::Running, Duration::from_secs(60)).await;
     }

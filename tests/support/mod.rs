@@ -11,6 +11,9 @@
 //! relevant component logs (in `$HANGAR_TESTENV_STATE/logs`) are printed.
 #![allow(dead_code)]
 
+pub mod operator;
+pub mod repo;
+
 use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};

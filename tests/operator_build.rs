@@ -1,0 +1,159 @@
+//! Cluster + engine tiers together: the operator builds a Space from git with
+//! the real Docker engine, pushes to the local registry, and the real node
+//! runs it; a new commit rolls out while the old version serves; broken
+//! repositories end in a status that says why.
+
+mod support;
+
+use std::time::Duration;
+
+use hangar::space::naming::{self, HEAD_SHA_ANNOTATION};
+use hangar::space::{GitSource, Space, SpaceSpec, Stage};
+use k8s_openapi::api::core::v1::Pod;
+use kube::api::{ListParams, Patch, PatchParams, PostParams};
+use kube::{Api, ResourceExt};
+use serde_json::json;
+use support::operator::Operator;
+use support::repo::{commit_file, fixture_repo, git};
+use support::{TestNamespace, http_client, http_get, run_ok, wait_for};
+
+/// CPU Spaces on the real node, which pulls from the test registry.
+const MAPPING: &str = "\
+requests: {cpu: 10m, memory: 32Mi}
+flavors:
+  cpu-basic:
+    nodeSelector: {hangar.dev/test-node: real}
+";
+
+async fn setup(prefix: &str) -> (TestNamespace, Operator) {
+    let ns = TestNamespace::new(prefix, &["kubelet", "containerd", "kube-controller-manager"]).await;
+    run_ok(ns.env.kubectl().arg("apply").arg("-f").arg(support::repo_root().join("crds")));
+    run_ok(ns.env.kubectl().args(["wait", "--for=condition=Established", "crd/spaces.hangar.dev", "--timeout=30s"]));
+    let ca = std::env::var("HANGAR_EXTRA_CA_FILE").unwrap_or_default();
+    let mut args = vec![
+        "--registry",
+        &ns.env.registry,
+        "--python-image",
+        &ns.env.python_image,
+        "--static-image",
+        &ns.env.static_image,
+        "--docker-host",
+        &ns.env.docker_host,
+    ];
+    if !ca.is_empty() {
+        args.extend(["--extra-ca-file", &ca]);
+    }
+    let operator = Operator::start(&ns, MAPPING, &args);
+    (ns, operator)
+}
+
+fn source_space(name: &str, repo: &std::path::Path, env: &[(&str, &str)]) -> Space {
+    let source =
+        GitSource { git: format!("file://{}", repo.display()), revision: "main".into(), credentials_secret: None };
+    let mut spec = SpaceSpec { source: Some(source), hardware: "cpu-basic".into(), ..Default::default() };
+    spec.env = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+    Space::new(name, spec)
+}
+
+async fn stage_of(api: &Api<Space>, name: &str) -> Option<(Stage, Space)> {
+    let space = api.get(name).await.ok()?;
+    let status = space.status.clone()?;
+    (status.observed_generation == space.metadata.generation).then_some((status.stage?, space))
+}
+
+async fn wait_stage(api: &Api<Space>, name: &str, stage: Stage, timeout: Duration) -> Space {
+    wait_for(&format!("{name} in {stage:?}"), timeout, || async {
+        Ok(stage_of(api, name).await.filter(|(s, _)| *s == stage).map(|(_, space)| space))
+    })
+    .await
+}
+
+/// Body of `GET /` from the Space's ready pod of the given image, by pod IP.
+async fn answer(ns: &TestNamespace, name: &str, image: &str) -> String {
+    let pods: Api<Pod> = ns.api();
+    let http = http_client();
+    wait_for(&format!("{name}'s pod of {image} to answer"), Duration::from_secs(60), || async {
+        let list = pods.list(&ListParams::default().labels(&format!("{}={name}", naming::SPACE_LABEL))).await?;
+        for pod in list.items {
+            let spec_image = pod.spec.as_ref().map(|s| s.containers[0].image.clone().unwrap_or_default());
+            let ip = pod.status.as_ref().and_then(|s| s.pod_ip.clone());
+            if let (Some(true), Some(ip)) = (spec_image.map(|i| i == image), ip)
+                && let Ok((200, body)) = http_get(&http, &format!("http://{ip}:7860/")).await
+            {
+                return Ok(Some(body));
+            }
+        }
+        Ok(None)
+    })
+    .await
+}
+
+#[tokio::test]
+async fn a_space_builds_runs_on_the_real_node_and_rolls_out_a_new_commit() {
+    let (ns, _operator) = setup("op-build").await;
+    let marker = support::unique_name("v1");
+    let repo = fixture_repo("docker", &marker);
+    let first = git(repo.path(), &["rev-parse", "HEAD"]);
+    let spaces: Api<Space> = ns.api();
+    let space = source_space("app", repo.path(), &[("BASE_IMAGE", &ns.env.python_image), ("GREETING", "hi")]);
+    spaces.create(&PostParams::default(), &space).await.expect("create space");
+
+    let running = wait_stage(&spaces, "app", Stage::Running, Duration::from_secs(300)).await;
+    let status = running.status.expect("status");
+    let image = status.image.expect("status.image");
+    assert!(image.starts_with(&format!("{}/{}/app:", ns.env.registry, ns.name)), "{image}");
+    assert!(image.contains("@sha256:"), "the image is pinned by digest: {image}");
+    let build = status.build.expect("status.build");
+    assert_eq!(build.revision.as_deref(), Some(first.as_str()));
+    assert!(build.started_at.is_some() && build.finished_at.is_some() && build.message.is_none());
+    let body = answer(&ns, "app", &image).await;
+    assert!(body.contains(&marker) && body.contains("hi"), "{body}");
+
+    // A push: the webhook's annotation names the new commit. The old version
+    // serves while the new one builds, then the new one takes over.
+    let marker2 = support::unique_name("v2");
+    let index = std::fs::read_to_string(repo.path().join("index.html")).expect("index");
+    let second = commit_file(repo.path(), "index.html", &index.replace(&marker, &marker2));
+    let patch = json!({"metadata": {"annotations": {HEAD_SHA_ANNOTATION: second}}});
+    spaces.patch("app", &PatchParams::default(), &Patch::Merge(&patch)).await.expect("annotate");
+    let during = wait_for("RUNNING_BUILDING or the new version", Duration::from_secs(120), || async {
+        Ok(stage_of(&spaces, "app").await.map(|(s, _)| s).filter(|s| *s != Stage::Running))
+    })
+    .await;
+    assert!(matches!(during, Stage::RunningBuilding | Stage::RunningAppStarting), "{during:?}");
+    let rolled = wait_for("the new commit running", Duration::from_secs(300), || async {
+        let Some((stage, space)) = stage_of(&spaces, "app").await else { return Ok(None) };
+        let revision = space.status.as_ref().and_then(|s| s.build.as_ref()).and_then(|b| b.revision.clone());
+        Ok((stage == Stage::Running && revision.as_deref() == Some(second.as_str())).then_some(space))
+    })
+    .await;
+    let image2 = rolled.status.and_then(|s| s.image).expect("image");
+    assert_ne!(image, image2);
+    assert!(answer(&ns, "app", &image2).await.contains(&marker2));
+}
+
+#[tokio::test]
+async fn broken_repositories_end_in_a_status_that_says_why() {
+    let (ns, _operator) = setup("op-broken").await;
+    let spaces: Api<Space> = ns.api();
+    let broken = fixture_repo("docker-broken", "x");
+    let space = source_space("broken", broken.path(), &[("BASE_IMAGE", &ns.env.python_image)]);
+    spaces.create(&PostParams::default(), &space).await.expect("create");
+
+    // A gradio Space whose app file is not in the repository.
+    let missing = fixture_repo("docker", "y");
+    let readme = "---\ntitle: Missing app\nsdk: gradio\napp_file: missing.py\n---\n";
+    commit_file(missing.path(), "README.md", readme);
+    spaces.create(&PostParams::default(), &source_space("noapp", missing.path(), &[])).await.expect("create");
+
+    let failed = wait_stage(&spaces, "broken", Stage::BuildError, Duration::from_secs(180)).await;
+    let status = failed.status.expect("status");
+    let message = status.message.expect("message");
+    assert!(message.contains("this step fails on purpose"), "the log tail is in the status: {message}");
+    assert_eq!(status.build.and_then(|b| b.message), Some(message));
+
+    let noapp = wait_stage(&spaces, "noapp", Stage::NoAppFile, Duration::from_secs(120)).await;
+    let message = noapp.status.and_then(|s| s.message).expect("message");
+    assert!(message.contains("missing.py"), "{message}");
+    assert!(noapp.annotations().get(HEAD_SHA_ANNOTATION).is_none());
+}
