@@ -59,19 +59,27 @@ pub async fn checkout(
     let shallow = git(dir, credentials, &["fetch", "-q", "--depth", "1", "--no-tags", "--", url, revision]).await;
     let target = match shallow {
         Ok(_) => "FETCH_HEAD".to_owned(),
-        // Servers that refuse unadvertised shas in `want` (protocol v0/v1
-        // without allowAnySHA1InWant): fetch everything, then pick the commit.
-        Err(_) if is_commit_sha(revision) => {
-            git(
-                dir,
-                credentials,
-                &["fetch", "-q", "--", url, "+refs/heads/*:refs/remotes/src/*", "+refs/tags/*:refs/tags/*"],
-            )
-            .await
-            .map_err(|e| SourceError(format!("cannot fetch {shown}: {e}")))?;
-            revision.to_owned()
+        Err(shallow_err) => {
+            // Servers without shallow support (dumb http): the revision's full history.
+            match git(dir, credentials, &["fetch", "-q", "--no-tags", "--", url, revision]).await {
+                Ok(_) => "FETCH_HEAD".to_owned(),
+                // Servers that refuse unadvertised shas in `want` (protocol v0/v1
+                // without allowAnySHA1InWant): fetch every branch and tag, pick the commit.
+                Err(_) if is_commit_sha(revision) => {
+                    git(
+                        dir,
+                        credentials,
+                        &["fetch", "-q", "--", url, "+refs/heads/*:refs/remotes/src/*", "+refs/tags/*:refs/tags/*"],
+                    )
+                    .await
+                    .map_err(|e| SourceError(format!("cannot fetch {shown}: {e}")))?;
+                    revision.to_owned()
+                }
+                Err(_) => {
+                    return Err(SourceError(format!("cannot fetch revision {revision:?} of {shown}: {shallow_err}")));
+                }
+            }
         }
-        Err(e) => return Err(SourceError(format!("cannot fetch revision {revision:?} of {shown}: {e}"))),
     };
     git(dir, None, &["-c", "advice.detachedHead=false", "checkout", "-q", "--detach", &format!("{target}^{{commit}}")])
         .await
