@@ -153,7 +153,7 @@ async fn broken_repositories_end_in_a_status_that_says_why() {
     assert_eq!(status.build.and_then(|b| b.message), Some(message));
 
     let noapp = wait_stage(&spaces, "noapp", Stage::NoAppFile, Duration::from_secs(120)).await;
-    let message = noapp.status.and_then(|s| s.message).expect("message");
+    let message = noapp.status.clone().and_then(|s| s.message).expect("message");
     assert!(message.contains("missing.py"), "{message}");
     assert!(noapp.annotations().get(HEAD_SHA_ANNOTATION).is_none());
 }
