@@ -1,0 +1,104 @@
+{{/* Name of the chart. */}}
+{{- define "hangar.name" -}}
+{{- .Chart.Name | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{/* Release-scoped base name; components append `-operator`, `-proxy`, `-webhook`. */}}
+{{- define "hangar.fullname" -}}
+{{- if contains .Chart.Name .Release.Name -}}
+{{- .Release.Name | trunc 40 | trimSuffix "-" -}}
+{{- else -}}
+{{- printf "%s-%s" .Release.Name .Chart.Name | trunc 40 | trimSuffix "-" -}}
+{{- end -}}
+{{- end -}}
+
+{{/* Name of cluster-scoped objects: unique per release and namespace. */}}
+{{- define "hangar.clusterName" -}}
+{{- printf "%s-%s" .Release.Namespace (include "hangar.fullname" .) | trunc 50 | trimSuffix "-" -}}
+{{- end -}}
+
+{{- define "hangar.labels" -}}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
+app.kubernetes.io/name: {{ include "hangar.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/part-of: hangar
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+{{- end -}}
+
+{{/* Selector labels of one component: (dict "ctx" $ "component" "operator"). */}}
+{{- define "hangar.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "hangar.name" .ctx }}
+app.kubernetes.io/instance: {{ .ctx.Release.Name }}
+app.kubernetes.io/component: {{ .component }}
+{{- end -}}
+
+{{- define "hangar.componentLabels" -}}
+{{ include "hangar.labels" .ctx }}
+app.kubernetes.io/component: {{ .component }}
+{{- end -}}
+
+{{- define "hangar.image" -}}
+{{- printf "%s:%s" .Values.image.repository (.Values.image.tag | default .Chart.AppVersion) -}}
+{{- end -}}
+
+{{- define "hangar.serviceAccountName" -}}
+{{- printf "%s-%s" (include "hangar.fullname" .ctx) .component -}}
+{{- end -}}
+
+{{/* Pod-level settings shared by the components. */}}
+{{- define "hangar.podSpecCommon" -}}
+{{- with .Values.imagePullSecrets }}
+imagePullSecrets:
+{{- range . }}
+  - name: {{ . }}
+{{- end }}
+{{- end }}
+{{- if .Values.hostNetwork }}
+hostNetwork: true
+dnsPolicy: ClusterFirstWithHostNet
+{{- end }}
+{{- with .Values.priorityClassName }}
+priorityClassName: {{ . }}
+{{- end }}
+{{- with .Values.podSecurityContext }}
+securityContext:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with .Values.nodeSelector }}
+nodeSelector:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with .Values.tolerations }}
+tolerations:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with .Values.affinity }}
+affinity:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- end -}}
+
+{{/* Environment shared by the components. */}}
+{{- define "hangar.commonEnv" -}}
+- name: HANGAR_LOG_FORMAT
+  value: {{ .Values.logFormat | quote }}
+- name: HANGAR_LOG_LEVEL
+  value: {{ .Values.logLevel | quote }}
+{{- with .Values.extraEnv }}
+{{ toYaml . }}
+{{- end }}
+{{- end -}}
+
+{{- define "hangar.webhookSecretName" -}}
+{{- .Values.webhook.secret.existingSecret | default (printf "%s-webhook" (include "hangar.fullname" .)) -}}
+{{- end -}}
+
+{{- define "hangar.registrySecretName" -}}
+{{- .Values.operator.builder.credentials.existingSecret | default (printf "%s-registry" (include "hangar.fullname" .)) -}}
+{{- end -}}
+
+{{- define "hangar.registryCredentials" -}}
+{{- $c := .Values.operator.builder.credentials -}}
+{{- if or $c.existingSecret $c.username -}}true{{- end -}}
+{{- end -}}
