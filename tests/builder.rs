@@ -471,3 +471,92 @@ async fn streamlit_space_builds_and_serves_a_streamlit_app() {
     assert_eq!(status, 200);
     assert!(page.to_lowercase().contains("streamlit"), "{}", &page[..page.len().min(500)]);
 }
+
+/// A registry of its own with htpasswd auth (user `pusher`), stopped on drop.
+struct AuthRegistry {
+    child: std::process::Child,
+    addr: String,
+    _dir: tempfile::TempDir,
+}
+
+impl AuthRegistry {
+    async fn start(password: &str) -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let hash = bcrypt::hash(password, 4).expect("bcrypt");
+        std::fs::write(dir.path().join("htpasswd"), format!("pusher:{hash}\n")).expect("htpasswd");
+        let port = std::net::TcpListener::bind("127.0.0.1:0").expect("free port").local_addr().expect("addr").port();
+        let addr = format!("127.0.0.1:{port}");
+        std::fs::write(
+            dir.path().join("config.yml"),
+            format!(
+                "version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {root}\n\
+                 http:\n  addr: {addr}\nauth:\n  htpasswd:\n    realm: hangar-test\n    path: {htpasswd}\n",
+                root = dir.path().join("data").display(),
+                htpasswd = dir.path().join("htpasswd").display()
+            ),
+        )
+        .expect("config");
+        let child = Command::new("docker-registry")
+            .arg("serve")
+            .arg(dir.path().join("config.yml"))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("engine tier: docker-registry (Debian's docker-registry package) must be installed");
+        let http = http_client();
+        wait_for("the auth registry to answer", Duration::from_secs(15), || async {
+            let (status, _) = http_get(&http, &format!("http://{addr}/v2/")).await?;
+            Ok((status == 401).then_some(()))
+        })
+        .await;
+        Self { child, addr, _dir: dir }
+    }
+}
+
+impl Drop for AuthRegistry {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn pushes_to_a_registry_that_needs_credentials() {
+    let env = TestEnv::engine();
+    let registry = AuthRegistry::start("push-secret").await;
+    let repo = fixture_repo("static", &unique_name("auth"));
+    let ns = unique_name("heidi");
+
+    let mut anonymous = config(&env);
+    anonymous.registry = registry.addr.clone();
+    let f = Builder::new(anonymous.clone())
+        .await
+        .expect("builder")
+        .build(request(&ns, "site", repo.path()))
+        .await
+        .expect_err("push without credentials");
+    assert_eq!((f.stage, f.kind), (Stage::BuildError, FailureKind::Push));
+    assert!(f.message.contains("no basic auth credentials") || f.message.contains("unauthorized"), "{}", f.message);
+
+    let mut with_login = anonymous;
+    with_login.registry_credentials =
+        Some(hangar::builder::RegistryCredentials { username: "pusher".into(), password: "push-secret".into() });
+    let b = Builder::new(with_login).await.expect("builder");
+    let out = ok(b.build(request(&ns, "site", repo.path())).await);
+    assert!(out.image.starts_with(&format!("{}/{ns}/site:", registry.addr)), "{}", out.image);
+    let log = b.logs().tail(&format!("{ns}/site"), LogKind::Build, 1000).join("\n");
+    assert!(!log.contains("push-secret"), "{log}");
+    // The registry has it: its manifest answers with the recorded digest.
+    let resp = reqwest::Client::builder()
+        .no_proxy()
+        .build()
+        .expect("client")
+        .head(format!("http://{}/v2/{ns}/site/manifests/{}", registry.addr, out.tag))
+        .basic_auth("pusher", Some("push-secret"))
+        .header("Accept", "application/vnd.docker.distribution.manifest.v2+json")
+        .send()
+        .await
+        .expect("HEAD manifest");
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.headers()["docker-content-digest"], out.digest.as_str());
+}
