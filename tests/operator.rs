@@ -212,8 +212,15 @@ async fn restart_converges_without_duplicates_deletion_leaves_nothing_and_rest_m
     assert_eq!(services.list(&ListParams::default()).await.expect("list").items.len(), 5);
     assert_eq!(leases.list(&ListParams::default()).await.expect("list").items.len(), 5);
 
-    // At rest: no further writes to the Space (its resourceVersion stays).
+    // At rest (running, its replica counted ready): no further writes to the
+    // Space, so its resourceVersion stays.
     let spaces: Api<Space> = ns.api();
+    wait_for("s0 to settle with its replica ready", Duration::from_secs(30), || async {
+        let s = spaces.get("s0").await?;
+        let ready = s.status.as_ref().and_then(|s| s.replicas.as_ref()).map(|r| r.current);
+        Ok((ready == Some(1)).then_some(()))
+    })
+    .await;
     let before = spaces.get("s0").await.expect("get").resource_version();
     tokio::time::sleep(Duration::from_secs(8)).await;
     let after = spaces.get("s0").await.expect("get").resource_version();
