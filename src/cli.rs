@@ -1,6 +1,5 @@
 //! The command line: one binary, one subcommand per component.
 
-use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
@@ -37,11 +36,9 @@ pub enum Command {
     Webhook(crate::webhook::WebhookArgs),
     /// Local mode: build and run the Spaces of a folder on this machine's
     /// Docker engine, served through the proxy; no cluster needed.
-    Up {
-        /// Folder of Space manifests and/or Space repositories.
-        #[arg(default_value = "examples/spaces")]
-        dir: PathBuf,
-    },
+    Up(crate::local::UpArgs),
+    /// Show the stage and URL of each Space of the running `hangar up`.
+    Ls(crate::local::LsArgs),
     /// Print the Space CustomResourceDefinition as YAML (the source of crds/space.yaml).
     Crd,
 }
@@ -80,6 +77,7 @@ fn run(command: Command) -> crate::Result<()> {
         Command::Operator(args) => tokio_runtime()?.block_on(crate::operator::run(args)),
         Command::Proxy(args) => tokio::runtime::Runtime::new()?.block_on(crate::proxy::cli_run(args)),
         Command::Webhook(args) => tokio::runtime::Runtime::new()?.block_on(crate::webhook::serve(args)),
-        Command::Up { .. } => Err(crate::Error::NotImplemented("`hangar up` (issue 8)")),
+        Command::Up(args) => tokio_runtime()?.block_on(crate::local::run(args)),
+        Command::Ls(args) => crate::local::ls(&args),
     }
 }

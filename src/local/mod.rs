@@ -1,1 +1,274 @@
 //! `hangar up`: Space manifests from a folder, the Docker runtime and the proxy in one process.
+//!
+//! * [`discover`]: which Spaces a folder holds (manifests and/or repositories).
+//! * [`snapshot`]: a folder's working tree as a reproducible git commit, for the builder.
+//! * [`state`]: the state file `hangar ls` reads.
+//! * [`supervise`]: one task per Space: build, run, sleep, wake.
+//!
+//! The builder builds on the local engine without pushing (no registry
+//! needed), the [`DockerRuntime`] runs one container per Space published on a
+//! random loopback port, and the proxy serves every Space at
+//! `http://{owner}-{name}.localhost:8080/` (browsers and curl resolve
+//! `*.localhost` to loopback) and at `http://127.0.0.1:8080/spaces/{owner}/{name}/`.
+//!
+//! Containers carry their Space in a label and their spec's hash in another:
+//! a restarted `hangar up` (after a crash, or with `--keep-running`) adopts
+//! them as they are, and unchanged Spaces are not rebuilt (same files, same
+//! build key, same image). Ctrl-C stops the containers (kept for a fast
+//! start next time) unless `--keep-running`.
+
+pub mod discover;
+pub mod snapshot;
+pub mod state;
+pub mod supervise;
+
+use std::collections::{BTreeSet, HashMap};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::builder::{Builder, BuilderConfig, LogStore};
+use crate::proxy::{MemorySource, ProxyConfig, RouteSource, SpaceKey, WakeHandler};
+use crate::runtime::{DockerRuntime, Runtime};
+use state::{Book, UpState};
+use supervise::{Ctx, UP_DIR_LABEL};
+
+/// Prefix of local image names (`hangar.local/<owner>/<name>:<tag>`); never pushed.
+pub const IMAGE_PREFIX: &str = "hangar.local";
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct UpArgs {
+    /// Folder of Space manifests (`*.yaml`, `*/space.yaml`) and/or Space
+    /// repositories (folders with a README.md front matter), or one Space repository.
+    #[arg(default_value = "examples/spaces")]
+    pub dir: PathBuf,
+    /// Address of the proxy that serves the Spaces.
+    #[arg(long, env = "HANGAR_UP_LISTEN", default_value = "127.0.0.1:8080")]
+    pub listen: SocketAddr,
+    /// Spaces are served at `{owner}-{name}.{domain}` (and at `/spaces/{owner}/{name}/`).
+    #[arg(long, env = "HANGAR_UP_DOMAIN", default_value = "localhost")]
+    pub domain: String,
+    /// Owner (namespace) of Spaces whose manifest names none, and of repository folders.
+    #[arg(long, env = "HANGAR_UP_OWNER", default_value = "local")]
+    pub owner: String,
+    /// Where the state file and the folders' snapshot repositories live
+    /// (default `$XDG_STATE_HOME/hangar`, else `~/.local/state/hangar`).
+    #[arg(long, env = "HANGAR_STATE_DIR")]
+    pub state_dir: Option<PathBuf>,
+    /// Show the stage of each Space of the running `hangar up` and exit (as `hangar ls`).
+    #[arg(long)]
+    pub status: bool,
+    /// On exit, leave the containers running (the next `hangar up` adopts them).
+    #[arg(long)]
+    pub keep_running: bool,
+    /// Python base image of gradio and streamlit Spaces (made by `scripts/up`).
+    #[arg(long, env = "HANGAR_PYTHON_IMAGE", default_value = "hangar/python:3.11")]
+    pub python_image: String,
+    /// Static file server image of static Spaces (made by `scripts/up`).
+    #[arg(long, env = "HANGAR_STATIC_IMAGE", default_value = "hangar/static:1")]
+    pub static_image: String,
+    /// PEM bundle builds trust besides the base image's (pip behind a TLS-intercepting proxy).
+    #[arg(long, env = "HANGAR_EXTRA_CA_FILE")]
+    pub extra_ca_file: Option<PathBuf>,
+    /// Docker engine (`unix://...`, `tcp://...`; default `DOCKER_HOST` or the local socket).
+    #[arg(long)]
+    pub docker_host: Option<String>,
+    /// Token private Spaces require (`Authorization: Bearer ...`); without one they refuse everybody.
+    #[arg(long, env = "HANGAR_UP_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// Builds running at once.
+    #[arg(long, default_value_t = 2)]
+    pub max_builds: usize,
+}
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct LsArgs {
+    /// State directory of the `hangar up` to show (as given to it).
+    #[arg(long, env = "HANGAR_STATE_DIR")]
+    pub state_dir: Option<PathBuf>,
+    /// Print the state as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// The default state directory.
+pub fn default_state_dir() -> PathBuf {
+    if let Some(d) = std::env::var_os("XDG_STATE_HOME").filter(|d| !d.is_empty()) {
+        return PathBuf::from(d).join("hangar");
+    }
+    match std::env::var_os("HOME").filter(|d| !d.is_empty()) {
+        Some(home) => PathBuf::from(home).join(".local/state/hangar"),
+        None => std::env::temp_dir().join("hangar-state"),
+    }
+}
+
+/// `hangar ls` / `hangar up --status`.
+pub fn ls(args: &LsArgs) -> crate::Result<()> {
+    let dir = args.state_dir.clone().unwrap_or_else(default_state_dir);
+    let state = match UpState::read(&dir) {
+        Ok(s) => s,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            println!("no hangar up is running (no state in {})", dir.display());
+            return Ok(());
+        }
+        Err(e) => return Err(crate::Error::Invalid(format!("{}: {e}", dir.join(state::FILE).display()))),
+    };
+    let alive = state.writer_alive();
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&state)?);
+    } else {
+        print!("{}", state::render_table(&state, alive));
+        if !alive {
+            eprintln!("(hangar up (pid {}) is not running: this is its last state)", state.pid);
+        }
+    }
+    Ok(())
+}
+
+/// Runs `hangar up` until SIGINT/SIGTERM.
+pub async fn run(args: UpArgs) -> crate::Result<()> {
+    let state_dir = args.state_dir.clone().unwrap_or_else(default_state_dir);
+    if args.status {
+        return ls(&LsArgs { state_dir: Some(state_dir), json: false });
+    }
+    let started = Instant::now();
+    std::fs::create_dir_all(&state_dir)?;
+    let dir = args.dir.canonicalize().map_err(|e| crate::Error::Invalid(format!("{}: {e}", args.dir.display())))?;
+    let spaces = discover::discover(&dir, &args.owner).map_err(|e| crate::Error::Invalid(e.0))?;
+    if spaces.is_empty() {
+        return Err(crate::Error::Invalid(format!(
+            "no Spaces in {}: expected *.yaml manifests, folders with space.yaml, or folders with a README.md front matter",
+            dir.display()
+        )));
+    }
+
+    let mut config = BuilderConfig::new(IMAGE_PREFIX, &args.python_image, &args.static_image);
+    config.push = false;
+    config.docker_host = args.docker_host.clone();
+    config.extra_ca_file = args.extra_ca_file.clone();
+    config.max_concurrent = args.max_builds;
+    let builder = Builder::with_logs(config, LogStore::default())
+        .await
+        .map_err(|e| crate::Error::Invalid(format!("{e} (is Docker installed and running? scripts/up sets it up)")))?;
+    let runtime: Arc<dyn Runtime> = Arc::new(DockerRuntime::new(builder.engine().docker().clone()));
+    let up_dir = dir.display().to_string();
+    remove_orphans(runtime.as_ref(), &up_dir, &spaces.iter().map(|s| s.key.clone()).collect()).await;
+
+    let source = MemorySource::new(&args.domain);
+    let proxy_config =
+        ProxyConfig { listen: args.listen, drain_timeout: Duration::from_secs(5), ..ProxyConfig::default() };
+    let routes: Arc<dyn RouteSource> = source.clone();
+    let proxy = crate::proxy::start(proxy_config, routes).await.map_err(|e| {
+        crate::Error::Invalid(format!(
+            "cannot serve on {}: {e} (another hangar up? choose one with --listen)",
+            args.listen
+        ))
+    })?;
+    let book = Book::new(&state_dir, dir.clone(), proxy.addr.to_string());
+    let ctx = Arc::new(Ctx {
+        builder,
+        runtime,
+        source: Arc::clone(&source),
+        book,
+        domain: args.domain.clone(),
+        proxy_port: proxy.addr.port(),
+        state_dir: state_dir.clone(),
+        up_dir,
+        keep_running: args.keep_running,
+        token_sha256: args.token.as_deref().map(|t| crate::proxy::auth::token_digest(t.as_bytes())),
+        started,
+    });
+
+    // One wake channel per Space; the proxy signals once per wake, so one slot is enough.
+    let mut senders = HashMap::new();
+    let mut receivers = Vec::new();
+    println!("hangar up: {} Space(s) from {}, proxy on http://{}", spaces.len(), dir.display(), proxy.addr);
+    for space in &spaces {
+        let (tx, rx) = mpsc::channel(1);
+        senders.insert(space.key.clone(), tx);
+        receivers.push(rx);
+        source.upsert(supervise::initial_route(&ctx, space));
+        ctx.book.update(&space.key.to_string(), &ctx.url(&space.key), |_| {});
+        println!("  {}  {}", space.key, ctx.url(&space.key));
+    }
+    let senders = Arc::new(senders);
+    let handler: WakeHandler = Arc::new(move |key: SpaceKey| {
+        let tx = senders.get(&key).cloned();
+        Box::pin(async move {
+            if let Some(tx) = tx {
+                // Full: a wake is already pending, which is all this one asks for.
+                let _ = tx.try_send(());
+            }
+            Ok(())
+        })
+    });
+    source.set_wake_handler(handler);
+
+    let cancel = CancellationToken::new();
+    let mut tasks = tokio::task::JoinSet::new();
+    for (space, rx) in spaces.into_iter().zip(receivers) {
+        tasks.spawn(supervise::supervise(Arc::clone(&ctx), space, rx, cancel.clone()));
+    }
+
+    shutdown_signal().await;
+    // A second Ctrl-C while stopping: leave at once.
+    tokio::spawn(async {
+        shutdown_signal().await;
+        eprintln!("hangar up: interrupted again, exiting without waiting");
+        std::process::exit(130);
+    });
+    eprintln!("hangar up: stopping (Ctrl-C again to leave at once)");
+    proxy.shutdown().await?;
+    cancel.cancel();
+    while tasks.join_next().await.is_some() {}
+    ctx.book.remove_file();
+    let what = if args.keep_running { "left running" } else { "stopped" };
+    println!("hangar up: stopped; containers {what}");
+    Ok(())
+}
+
+/// Removes the containers of Spaces that left this folder.
+async fn remove_orphans(runtime: &dyn Runtime, up_dir: &str, keep: &BTreeSet<SpaceKey>) {
+    let instances = match runtime.list().await {
+        Ok(i) => i,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot list containers");
+            return;
+        }
+    };
+    for i in instances {
+        if i.labels.get(UP_DIR_LABEL).map(String::as_str) == Some(up_dir) && !keep.contains(&i.key) {
+            tracing::info!(space = %i.key, "removing the container of a Space no longer in the folder");
+            if let Err(e) = runtime.remove(&i.key).await {
+                tracing::warn!(space = %i.key, error = %e, "cannot remove the container");
+            }
+        }
+    }
+}
+
+async fn shutdown_signal() {
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot listen for SIGTERM");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    tokio::select! {
+        r = tokio::signal::ctrl_c() => {
+            if let Err(e) = r {
+                tracing::warn!(error = %e, "cannot listen for SIGINT");
+                std::future::pending::<()>().await;
+            }
+        }
+        () = term => {}
+    }
+}

@@ -1,0 +1,160 @@
+//! What `hangar up` knows about its Spaces, kept in one JSON file in the
+//! state directory (rewritten atomically on every change) so that
+//! `hangar ls` / `hangar up --status`, another process, can show it.
+//! Containers themselves are found again by their Docker labels, not here.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, PoisonError};
+
+use serde::{Deserialize, Serialize};
+
+use crate::space::Stage;
+
+/// The state file's name inside the state directory.
+pub const FILE: &str = "up.json";
+
+/// One Space as `hangar ls` shows it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SpaceState {
+    /// `owner/name`.
+    pub id: String,
+    pub stage: Stage,
+    pub url: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub container: Option<String>,
+}
+
+/// The whole file.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct UpState {
+    /// The `hangar up` process that writes it.
+    pub pid: u32,
+    pub dir: PathBuf,
+    /// The proxy's address.
+    pub listen: String,
+    pub spaces: Vec<SpaceState>,
+}
+
+impl UpState {
+    pub fn read(state_dir: &Path) -> std::io::Result<Self> {
+        let text = std::fs::read_to_string(state_dir.join(FILE))?;
+        serde_json::from_str(&text).map_err(std::io::Error::other)
+    }
+
+    /// Whether the process that wrote the file still runs (a crashed or
+    /// killed `hangar up` leaves its last state behind).
+    pub fn writer_alive(&self) -> bool {
+        std::fs::read(format!("/proc/{}/cmdline", self.pid))
+            .is_ok_and(|cmd| String::from_utf8_lossy(&cmd).contains("hangar"))
+    }
+}
+
+/// The live book: updated by the Space supervisors, written through to disk.
+#[derive(Clone)]
+pub struct Book {
+    inner: Arc<Mutex<UpState>>,
+    path: PathBuf,
+}
+
+impl Book {
+    pub fn new(state_dir: &Path, dir: PathBuf, listen: String) -> Self {
+        let state = UpState { pid: std::process::id(), dir, listen, spaces: Vec::new() };
+        Self { inner: Arc::new(Mutex::new(state)), path: state_dir.join(FILE) }
+    }
+
+    /// Changes one Space (added if new) and writes the file.
+    pub fn update(&self, id: &str, url: &str, f: impl FnOnce(&mut SpaceState)) {
+        let snapshot = {
+            let mut state = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
+            let i = match state.spaces.iter().position(|s| s.id == id) {
+                Some(i) => i,
+                None => {
+                    state.spaces.push(SpaceState {
+                        id: id.to_owned(),
+                        stage: Stage::Building,
+                        url: url.to_owned(),
+                        message: None,
+                        image: None,
+                        container: None,
+                    });
+                    state.spaces.len() - 1
+                }
+            };
+            f(&mut state.spaces[i]);
+            state.clone()
+        };
+        if let Err(e) = write_atomic(&self.path, &snapshot) {
+            tracing::warn!(path = %self.path.display(), error = %e, "cannot write the state file");
+        }
+    }
+
+    pub fn stages(&self) -> BTreeMap<String, Stage> {
+        let state = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
+        state.spaces.iter().map(|s| (s.id.clone(), s.stage)).collect()
+    }
+
+    /// Removes the file (on a clean exit: nothing runs any more).
+    pub fn remove_file(&self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+fn write_atomic(path: &Path, state: &UpState) -> std::io::Result<()> {
+    let tmp = path.with_extension(format!("json.{}.tmp", std::process::id()));
+    std::fs::write(&tmp, serde_json::to_vec_pretty(state).map_err(std::io::Error::other)?)?;
+    std::fs::rename(&tmp, path)
+}
+
+/// `hangar ls`'s table.
+pub fn render_table(state: &UpState, alive: bool) -> String {
+    let mut out = String::new();
+    let width = state.spaces.iter().map(|s| s.id.len()).max().unwrap_or(5).max(5);
+    out.push_str(&format!("{:<width$}  {:<22}  URL\n", "SPACE", "STAGE"));
+    for s in &state.spaces {
+        // A dead writer means nothing serves: say so rather than repeat its last word.
+        let stage = if alive { stage_name(s.stage) } else { stage_name(Stage::Stopped) };
+        out.push_str(&format!("{:<width$}  {:<22}  {}\n", s.id, stage, s.url));
+        if let Some(m) = s.message.as_deref().filter(|_| alive && s.stage.is_error()) {
+            let first = m.lines().next().unwrap_or_default();
+            out.push_str(&format!("{:<width$}    {first}\n", ""));
+        }
+    }
+    out
+}
+
+/// `RUNNING`, `BUILD_ERROR`...: the hub's names.
+pub fn stage_name(stage: Stage) -> String {
+    serde_json::to_value(stage).ok().and_then(|v| v.as_str().map(str::to_owned)).unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn book_writes_through_and_reads_back() {
+        let tmp = tempfile::tempdir().expect("tmp");
+        let book = Book::new(tmp.path(), "/x".into(), "127.0.0.1:8080".into());
+        book.update("local/a", "http://local-a.localhost:8080/", |s| s.stage = Stage::Running);
+        book.update("local/b", "http://local-b.localhost:8080/", |s| {
+            s.stage = Stage::BuildError;
+            s.message = Some("step 2 failed\nmore".into());
+        });
+        let state = UpState::read(tmp.path()).expect("readable");
+        assert_eq!(state.pid, std::process::id());
+        assert_eq!(state.spaces.len(), 2);
+        assert!(state.writer_alive(), "this test process runs (its name contains hangar)");
+        let table = render_table(&state, true);
+        assert!(table.contains("local/a  RUNNING"), "{table}");
+        assert!(table.contains("BUILD_ERROR") && table.contains("step 2 failed") && !table.contains("more"), "{table}");
+        assert!(render_table(&state, false).contains("local/a  STOPPED"));
+        assert_eq!(book.stages()["local/b"], Stage::BuildError);
+        book.remove_file();
+        assert!(UpState::read(tmp.path()).is_err());
+    }
+}
