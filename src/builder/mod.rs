@@ -6,28 +6,41 @@
 //! ```no_run
 //! # async fn f() -> Result<(), Box<dyn std::error::Error>> {
 //! use hangar::builder::{Builder, BuilderConfig, BuildRequest, LogKind};
-//! let builder = Builder::new(BuilderConfig::new("127.0.0.1:5000", "hangar/python:3.11", "hangar/static:1")).await?;
+//! let mut config = BuilderConfig::new("registry.local:5000", "python:{python_version}-slim", "hangar/static:1");
+//! config.extra_ca_file = Some("/etc/ssl/certs/ca-certificates.crt".into());
+//! let builder = Builder::new(config).await?;
 //! # let (spec, source) = (hangar::space::SpaceSpec::default(), hangar::space::GitSource { git: "file:///r".into(), revision: "main".into(), credentials_secret: None });
-//! let request = BuildRequest::new("alice", "demo", source, spec);
+//! let mut request = BuildRequest::new("alice", "demo", source, spec); // variables = spec.env
+//! request.redact = vec!["<each secret value of the Space>".into()];
 //! match builder.build(request).await {
+//!     // status.image = out.image (digest-pinned), status.build.revision = out.commit
 //!     Ok(out) => println!("image {} (reused: {})", out.image, out.reused),
-//!     // failure.stage is NO_APP_FILE, CONFIG_ERROR or BUILD_ERROR; message is status-safe.
+//!     // status.stage = failure.stage (NO_APP_FILE, CONFIG_ERROR or BUILD_ERROR),
+//!     // status.build.message = failure.message (never holds a secret)
 //!     Err(failure) => println!("{:?}: {}", failure.stage, failure.message),
 //! }
-//! // The build's lines, live: builder.logs().subscribe("alice/demo", LogKind::Build)
-//! // or over HTTP: hangar::builder::logs::router(builder.logs().clone()).
+//! // The build's lines, live: builder.logs().subscribe("alice/demo", LogKind::Build),
+//! // over HTTP: hangar::builder::logs::router(builder.logs().clone()) (hub-shaped SSE);
+//! // run logs: logs::pump_lines(pod log stream) or Engine::follow_container_logs.
 //! # Ok(()) }
 //! ```
 //!
+//! * Checkout: the git CLI (see [`source`] for why), shallow at the revision
+//!   (branch, tag or sha), https with Basic credentials, `file://` or a path.
+//! * Plan ([`plan`], pure): the front matter and the spec decide the SDK;
+//!   gradio/streamlit/static get a generated Dockerfile (uid 1000, 0.0.0.0 on
+//!   the app port, pinned `sdk_version`, `requirements.txt`, `packages.txt`,
+//!   the extra CA for pip); docker uses the repository's Dockerfile.
 //! * Builds are keyed by (commit, sdk, generated Dockerfile, variables, base
-//!   image, extra CA): a key whose image is already in the registry is reused
-//!   without building (`BuildOutput::reused`).
+//!   image, extra CA): a key whose image is already pushed is reused without
+//!   building (`BuildOutput::reused`; found via the engine, else the registry).
 //! * Images are `<registry>/<namespace>/<space>:<commit>-<key16>` (the build)
 //!   and `:<commit>` (the newest build of that commit); `BuildOutput::image`
 //!   pins the digest.
 //! * At most `max_concurrent` builds run at once, the rest wait in FIFO order;
-//!   a build over `timeout`, or whose `cancel` token fires, is stopped (the
-//!   engine cancels a build whose client goes away) and fails as `BUILD_ERROR`.
+//!   a build over `timeout`, whose `cancel` token fires, or superseded by a
+//!   newer build of the same Space, is stopped (the engine cancels a build
+//!   whose client goes away) and fails as `BUILD_ERROR`.
 //! * Secrets: the classic builder is used (see [`engine`] for why), so builds
 //!   receive variables only; Space secrets are injected at run time by the
 //!   operator. Their values, given in [`BuildRequest::redact`], are masked in
