@@ -1,0 +1,392 @@
+//! Cluster tier: the Helm chart `charts/hangar` end to end, with the hangar image built from
+//! the repository's Dockerfile.
+//!
+//! The image is built (BuildKit, `prebuilt` stage: the test's own `hangar` binary, stripped,
+//! on the test bed's Debian base) and pushed to the test registry; `helm install` runs all
+//! three components as pods on the real node, with the chart's ServiceAccounts. The test bed
+//! has no kube-proxy and its kube-apiserver listens on loopback only, so the pods use the
+//! node's network (`hostNetwork`) and `KUBERNETES_SERVICE_HOST=127.0.0.1` (chart values that
+//! exist for such clusters). The operator watches the test namespace only (`watchNamespace`,
+//! RBAC as Roles there), so it never touches other tests' Spaces.
+
+mod support;
+
+use std::net::TcpListener;
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use hangar::space::Space;
+use hangar::space::naming::HEAD_SHA_ANNOTATION;
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::core::v1::{Node, Pod};
+use kube::api::{Api, ListParams};
+use serde_json::json;
+use support::{TestEnv, TestNamespace, http_client, repo_root, run, run_ok, wait_for};
+
+/// The chart ships the CRD `hangar crd` generates: its copy must match `crds/space.yaml`.
+#[test]
+fn the_charts_crd_is_the_generated_one() {
+    let root = repo_root();
+    let chart_copy = std::fs::read_to_string(root.join("charts/hangar/crds/space.yaml")).expect("chart CRD");
+    let source = std::fs::read_to_string(root.join("crds/space.yaml")).expect("crds/space.yaml");
+    let generated = hangar::space::crd_yaml().expect("crd yaml");
+    assert_eq!(
+        source, generated,
+        "crds/space.yaml is stale: run `cargo run -q -- crd > crds/space.yaml && cp crds/space.yaml charts/hangar/crds/`"
+    );
+    assert_eq!(chart_copy, source, "charts/hangar/crds/space.yaml is stale: `cp crds/space.yaml charts/hangar/crds/`");
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("0.0.0.0:0").expect("bind").local_addr().expect("addr").port()
+}
+
+/// Debian's docker client (20.10): it has BuildKit built in (the newer client first on PATH
+/// needs the buildx plugin, which is not installed). The Dockerfile's unused `build` stage
+/// (a Rust image) is skipped only by BuildKit.
+fn buildkit_docker(env: &TestEnv) -> Command {
+    let client = Path::new("/usr/bin/docker");
+    assert!(client.is_file(), "Debian's docker client /usr/bin/docker is missing: run `scripts/testenv install`");
+    let mut c = Command::new(client);
+    c.env("DOCKER_HOST", &env.docker_host).env("DOCKER_BUILDKIT", "1");
+    c
+}
+
+/// Builds the hangar image from the Dockerfile and pushes it; returns (reference, size in bytes).
+fn build_and_push_image(env: &TestEnv, tag: &str) -> (String, u64) {
+    let context = tempfile::tempdir().expect("tempdir");
+    std::fs::copy(repo_root().join("Dockerfile"), context.path().join("Dockerfile")).expect("copy Dockerfile");
+    let binary = context.path().join("hangar");
+    std::fs::copy(env!("CARGO_BIN_EXE_hangar"), &binary).expect("copy binary");
+    run_ok(Command::new("strip").arg(&binary));
+    let image = format!("{}/hangar:{tag}", env.registry);
+    let started = Instant::now();
+    run_ok(
+        buildkit_docker(env)
+            .args(["build", "-q", "-t", &image])
+            .args(["--build-arg", "BINARY_FROM=prebuilt", "--build-arg", "HANGAR_BINARY=hangar"])
+            .arg("--build-arg")
+            .arg(format!("BASE_IMAGE={}", env.python_image))
+            .arg(context.path()),
+    );
+    eprintln!("hangar image {image} built in {:.1}s", started.elapsed().as_secs_f64());
+    // The image runs on its own (loader and libraries are all in it).
+    let version = run_ok(env.docker().args(["run", "--rm", &image, "--version"]));
+    assert!(version.starts_with("hangar "), "{version}");
+    let size: u64 =
+        run_ok(env.docker().args(["image", "inspect", "-f", "{{.Size}}", &image])).trim().parse().expect("image size");
+    let started = Instant::now();
+    run_ok(env.docker().args(["push", "-q", &image]));
+    eprintln!("pushed in {:.1}s", started.elapsed().as_secs_f64());
+    (image, size)
+}
+
+/// `kubectl auth can-i` as a ServiceAccount: true when allowed.
+fn can_i(ns: &TestNamespace, sa: &str, verb: &str, resource: &str, namespace: &str) -> bool {
+    let mut cmd = ns.env.kubectl();
+    match resource.split_once('/') {
+        Some((resource, subresource)) => cmd.args(["auth", "can-i", verb, resource, "--subresource", subresource]),
+        None => cmd.args(["auth", "can-i", verb, resource]),
+    };
+    let out = cmd
+        .args(["-n", namespace])
+        .arg(format!("--as=system:serviceaccount:{}:{sa}", ns.name))
+        .output()
+        .expect("kubectl auth can-i");
+    let answer = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    match answer.as_str() {
+        "yes" => true,
+        "no" => false,
+        other => panic!("kubectl auth can-i {verb} {resource}: {other:?} {}", String::from_utf8_lossy(&out.stderr)),
+    }
+}
+
+fn stage(space: &Space) -> Option<String> {
+    let stage = space.status.as_ref()?.stage?;
+    serde_json::to_value(stage).ok()?.as_str().map(str::to_owned)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn helm_install_runs_hangar_with_the_charts_rbac_and_uninstall_leaves_nothing() {
+    let ns = TestNamespace::new("helm", &["kube-apiserver", "kube-scheduler", "kubelet", "kwok"]).await;
+    let env = ns.env.clone();
+    let helm_home = tempfile::tempdir().expect("helm home");
+    let helm = || {
+        let mut c = env.helm(helm_home.path());
+        c.args(["-n", &ns.name]);
+        c
+    };
+    let chart = repo_root().join("charts/hangar");
+    let release = "hgr";
+
+    // The chart lints clean and renders objects the API server accepts, in the default
+    // (cluster-wide) mode with every optional part on.
+    let lint = run_ok(env.helm(helm_home.path()).args(["lint", "--strict"]).arg(&chart));
+    assert!(lint.contains("0 chart(s) failed"), "{lint}");
+    let everything = run_ok(
+        helm()
+            .args([
+                "template",
+                "dry",
+                "--set",
+                "proxy.ingress.enabled=true",
+                "--set",
+                "proxy.ingress.tlsSecretName=tls",
+            ])
+            .args(["--set", "operator.builder.registry=registry.example.com:5000"])
+            .args([
+                "--set",
+                "operator.builder.credentials.username=u",
+                "--set",
+                "operator.builder.credentials.password=p",
+            ])
+            .args([
+                "--set",
+                "operator.builder.dockerHost=tcp://docker:2375",
+                "--set",
+                "operator.builder.extraCaCert=PEM",
+            ])
+            .args(["--set", "operator.hardwareMapping.requests.cpu=100m"])
+            .args(["--set", "operator.hardwareMapping.requests.memory=128Mi"])
+            .arg(&chart),
+    );
+    for kind in ["ClusterRole", "ClusterRoleBinding", "Ingress", "ConfigMap", "Secret", "Lease", "Deployment"] {
+        assert!(everything.contains(&format!("\nkind: {kind}\n")), "helm template renders no {kind}");
+    }
+    let dry = support::run_with_input(
+        env.kubectl().args(["apply", "--dry-run=server", "-n", &ns.name, "-f", "-"]),
+        &everything,
+    )
+    .unwrap_or_else(|e| panic!("the API server rejects the rendered chart: {e}"));
+    assert!(dry.contains("(server dry run)"), "{dry}");
+
+    // The image.
+    let (image, image_size) = build_and_push_image(&env, &ns.name);
+    let (repository, tag) = image.rsplit_once(':').expect("image tag");
+
+    // Install: all three components on the real node, watching this namespace.
+    let apiserver = std::env::var("HANGAR_TEST_APISERVER").expect("HANGAR_TEST_APISERVER (scripts/testenv env)");
+    let api_port = apiserver.rsplit(':').next().expect("apiserver port").trim_end_matches('/').to_owned();
+    let (operator_port, proxy_port, admin_port, webhook_port) = (free_port(), free_port(), free_port(), free_port());
+    let domain = "spaces.helm.test";
+    let secret = "helm-test-webhook-secret";
+    let values = json!({
+        "image": {"repository": repository, "tag": tag, "pullPolicy": "IfNotPresent"},
+        "domain": domain,
+        "urlScheme": "http",
+        "watchNamespace": ns.name,
+        "logFormat": "text",
+        "logLevel": "debug",
+        "hostNetwork": true,
+        "extraEnv": [
+            {"name": "KUBERNETES_SERVICE_HOST", "value": "127.0.0.1"},
+            {"name": "KUBERNETES_SERVICE_PORT", "value": api_port},
+        ],
+        "nodeSelector": {"hangar.dev/test-node": "real"},
+        "operator": {
+            "httpPort": operator_port,
+            "resources": {"requests": {"cpu": "10m", "memory": "32Mi"}},
+            // Placed on the simulated T4 node (never the real one, even when it poses as a GPU
+            // node): proves the chart's hardware ConfigMap reaches the operator.
+            "hardwareMapping": {
+                "requests": {"cpu": "100m", "memory": "128Mi"},
+                "flavors": {"t4-small": {
+                    "nodeSelector": {"nvidia.com/gpu.product": "Tesla-T4", "hangar.dev/test-node": "kwok"},
+                    "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
+                }},
+            },
+        },
+        "proxy": {"port": proxy_port, "adminPort": admin_port, "resources": {"requests": {"cpu": "10m"}}},
+        "webhook": {"port": webhook_port, "secret": {"value": secret}, "resources": {"requests": {"cpu": "10m"}}},
+    });
+    let values_file = helm_home.path().join("values.yaml");
+    std::fs::write(&values_file, serde_yaml_ng::to_string(&values).expect("yaml")).expect("write values");
+    let installed = Instant::now();
+    run_ok(helm().args(["install", release]).arg(&chart).arg("-f").arg(&values_file));
+
+    // The CRD is Established (Helm installs it from the chart's crds/ unless present already).
+    run_ok(env.kubectl().args(["wait", "--for=condition=Established", "crd/spaces.hangar.dev", "--timeout=60s"]));
+
+    // The RBAC exists: a ServiceAccount, Role and RoleBinding per component, plus the leader Role.
+    let instance = format!("app.kubernetes.io/instance={release}");
+    let rbac = run_ok(ns.kubectl().args(["get", "serviceaccounts,roles,rolebindings", "-l", &instance, "-o", "name"]));
+    for component in ["operator", "proxy", "webhook"] {
+        for kind in ["serviceaccount", "role.rbac.authorization.k8s.io", "rolebinding.rbac.authorization.k8s.io"] {
+            let name = format!("{kind}/{release}-hangar-{component}");
+            assert!(rbac.lines().any(|l| l == name), "missing {name} in:\n{rbac}");
+        }
+    }
+    assert!(rbac.contains("role.rbac.authorization.k8s.io/hgr-hangar-operator-leader"), "{rbac}");
+
+    // The operator becomes ready (= leads) on the real node, running the pushed image.
+    let deployments: Api<Deployment> = ns.api();
+    for component in ["operator", "proxy", "webhook"] {
+        let name = format!("{release}-hangar-{component}");
+        wait_for(&format!("deployment {name} available"), Duration::from_secs(180), || async {
+            let d = deployments.get(&name).await?;
+            Ok((d.status.and_then(|s| s.available_replicas).unwrap_or(0) >= 1).then_some(()))
+        })
+        .await;
+        if component == "operator" {
+            eprintln!("helm install -> operator ready: {:.1}s", installed.elapsed().as_secs_f64());
+        }
+    }
+    let pods: Api<Pod> = ns.api();
+    let operator_pods =
+        pods.list(&ListParams::default().labels("app.kubernetes.io/component=operator")).await.expect("pods");
+    let operator_pod = operator_pods.items.first().expect("an operator pod");
+    let spec = operator_pod.spec.as_ref().expect("pod spec");
+    assert_eq!(spec.node_name.as_deref(), Some(env.real_node.as_str()));
+    assert_eq!(spec.service_account_name.as_deref(), Some("hgr-hangar-operator"));
+    assert_eq!(spec.containers[0].image.as_deref(), Some(image.as_str()));
+    let leader: Api<Lease> = ns.api();
+    let holder = leader.get("hangar-operator-leader").await.expect("leader lease").spec.and_then(|s| s.holder_identity);
+    assert_eq!(holder.as_deref(), operator_pod.metadata.name.as_deref(), "POD_NAME is the leader identity");
+
+    // Least privilege: what each ServiceAccount may and may not do.
+    let n = ns.name.as_str();
+    for (sa, verb, resource, allowed) in [
+        ("hgr-hangar-operator", "patch", "spaces.hangar.dev/status", true),
+        ("hgr-hangar-operator", "patch", "deployments.apps", true),
+        ("hgr-hangar-operator", "get", "secrets", true),
+        ("hgr-hangar-operator", "create", "events.events.k8s.io", true),
+        ("hgr-hangar-operator", "update", "spaces.hangar.dev", false),
+        ("hgr-hangar-operator", "patch", "spaces.hangar.dev", false),
+        ("hgr-hangar-operator", "delete", "deployments.apps", false),
+        ("hgr-hangar-operator", "list", "secrets", false),
+        ("hgr-hangar-operator", "create", "pods", false),
+        ("hgr-hangar-operator", "delete", "leases.coordination.k8s.io", false),
+        ("hgr-hangar-proxy", "watch", "endpointslices.discovery.k8s.io", true),
+        ("hgr-hangar-proxy", "patch", "leases.coordination.k8s.io", true),
+        ("hgr-hangar-proxy", "patch", "spaces.hangar.dev", false),
+        ("hgr-hangar-proxy", "create", "deployments.apps", false),
+        ("hgr-hangar-proxy", "delete", "leases.coordination.k8s.io", false),
+        ("hgr-hangar-webhook", "patch", "spaces.hangar.dev", true),
+        ("hgr-hangar-webhook", "delete", "spaces.hangar.dev", false),
+        ("hgr-hangar-webhook", "patch", "spaces.hangar.dev/status", false),
+        ("hgr-hangar-webhook", "get", "secrets", false),
+    ] {
+        assert_eq!(can_i(&ns, sa, verb, resource, n), allowed, "{sa} {verb} {resource} in {n}");
+    }
+    // Roles, not ClusterRoles: nothing outside the watched namespace.
+    assert!(!can_i(&ns, "hgr-hangar-operator", "list", "spaces.hangar.dev", "default"));
+    assert!(!can_i(&ns, "hgr-hangar-operator", "update", "leases.coordination.k8s.io", "default"));
+    // The same refusal, for real, with the operator's own token.
+    let token = run_ok(ns.kubectl().args(["create", "token", "hgr-hangar-operator", "--duration=10m"]));
+    let refused = run(ns.kubectl().args(["--token", token.trim(), "delete", "deployment", "hgr-hangar-proxy"]))
+        .expect_err("the operator's token must not delete Deployments");
+    assert!(refused.to_string().contains("forbidden"), "{refused}");
+    let allowed = run_ok(ns.kubectl().args(["--token", token.trim(), "get", "pods", "-o", "name"]));
+    assert!(allowed.contains("pod/"), "{allowed}");
+
+    // The examples: the GPU Space lands on a (simulated) T4 node; the built ones wait for a
+    // builder (none configured); `kubectl get spaces` shows Stage, Hardware and URL.
+    run_ok(ns.kubectl().arg("apply").arg("-f").arg(repo_root().join("examples/k8s")));
+    let spaces: Api<Space> = ns.api();
+    // (kwok's simulated pods flap between ready and not: APP_STARTING and RUNNING both count.)
+    let gpu_stage = wait_for("the GPU Space scheduled on a T4 node", Duration::from_secs(120), || async {
+        let space = spaces.get("whisper-t4").await?;
+        let list = pods.list(&ListParams::default().labels("hangar.dev/space=whisper-t4")).await?;
+        let Some(node) = list.items.iter().find_map(|p| p.spec.as_ref()?.node_name.clone()) else { return Ok(None) };
+        Ok(stage(&space).filter(|s| s == "RUNNING" || s == "APP_STARTING").map(|s| (s, node)))
+    })
+    .await;
+    let nodes: Api<Node> = Api::all(ns.client.clone());
+    let node = nodes.get(&gpu_stage.1).await.expect("node");
+    let labels = node.metadata.labels.unwrap_or_default();
+    assert_eq!(labels.get("nvidia.com/gpu.product").map(String::as_str), Some("Tesla-T4"), "{}", gpu_stage.1);
+    assert_eq!(labels.get("hangar.dev/test-node").map(String::as_str), Some("kwok"), "the mapping's selector");
+    for name in ["hello-gradio", "internal-dashboard"] {
+        let space = wait_for(&format!("{name} reaching a stage"), Duration::from_secs(60), || async {
+            let space = spaces.get(name).await?;
+            Ok(stage(&space).is_some().then_some(space))
+        })
+        .await;
+        assert_eq!(stage(&space).as_deref(), Some("BUILDING"), "{name}: {:?}", space.status);
+    }
+    let table = run_ok(ns.kubectl().args(["get", "spaces"]));
+    eprintln!("{table}");
+    let header: Vec<&str> = table.lines().next().expect("header").split_whitespace().collect();
+    assert_eq!(header, ["NAME", "STAGE", "HARDWARE", "URL", "AGE"], "{table}");
+    let row = table.lines().find(|l| l.starts_with("whisper-t4 ")).expect("whisper-t4 row");
+    let url = format!("http://{n}-whisper-t4.{domain}/");
+    let cells: Vec<&str> = row.split_whitespace().collect();
+    assert_eq!((cells[0], cells[2], cells[3]), ("whisper-t4", "t4-small", url.as_str()), "{row}");
+    assert!(["RUNNING", "APP_STARTING"].contains(&cells[1]), "{row}");
+    // Stage changes were recorded as Events (events.k8s.io create).
+    let events =
+        run_ok(ns.kubectl().args(["get", "events", "--field-selector", "involvedObject.kind=Space", "-o", "name"]));
+    assert!(!events.trim().is_empty(), "no Events on Spaces");
+
+    // The proxy (synced: it only listens after listing Spaces, EndpointSlices and Secrets)
+    // refuses the private Space without its token; the webhook moves a Space's head sha.
+    let http = http_client();
+    let (status, _) = support::http_get(&http, &format!("http://127.0.0.1:{admin_port}/healthz")).await.expect("proxy");
+    assert_eq!(status, 200);
+    let private = http
+        .get(format!("http://127.0.0.1:{proxy_port}/"))
+        .header("host", format!("{n}-internal-dashboard.{domain}"))
+        .send()
+        .await
+        .expect("proxy request");
+    assert_eq!(private.status().as_u16(), 401, "a private Space without a token");
+    let sha = "3".repeat(40);
+    let delivery = json!({
+        "event": {"action": "update", "scope": "repo.content"},
+        "repo": {"type": "space", "name": format!("{n}/hello-gradio"), "id": "1", "private": false,
+                 "subdomain": "x", "url": {"web": "w", "api": "a"}, "headSha": sha, "owner": {"id": "o"}},
+        "updatedRefs": [{"ref": "refs/heads/main", "oldSha": "f".repeat(40), "newSha": sha}],
+        "webhook": {"id": "w", "version": 3}
+    });
+    let posted = http
+        .post(format!("http://127.0.0.1:{webhook_port}/webhooks/hub"))
+        .header("X-Webhook-Secret", secret)
+        .json(&delivery)
+        .send()
+        .await
+        .expect("webhook delivery");
+    assert_eq!(posted.status().as_u16(), 202);
+    let annotations = spaces.get("hello-gradio").await.expect("space").metadata.annotations.unwrap_or_default();
+    assert_eq!(annotations.get(HEAD_SHA_ANNOTATION), Some(&sha));
+
+    // No component was refused anything it tried.
+    for component in ["operator", "proxy", "webhook"] {
+        let logs = run_ok(ns.kubectl().args(["logs", &format!("deployment/{release}-hangar-{component}")]));
+        assert!(!logs.to_lowercase().contains("forbidden"), "{component} was refused something:\n{logs}");
+    }
+
+    // kubectl delete cleans up the Spaces and what the operator made for them.
+    run_ok(ns.kubectl().args(["delete", "--wait=true", "--timeout=60s", "-f"]).arg(repo_root().join("examples/k8s")));
+    wait_for("the Spaces' workloads gone", Duration::from_secs(60), || async {
+        let left = deployments.list(&ListParams::default().labels("hangar.dev/space")).await?;
+        Ok(left.items.is_empty().then_some(()))
+    })
+    .await;
+
+    // helm uninstall leaves nothing of the release (the CRD stays, as Helm does with crds/).
+    run_ok(helm().args(["uninstall", release, "--wait", "--timeout", "120s"]));
+    let left = run_ok(ns.kubectl().args([
+        "get",
+        "deployments,replicasets,services,endpointslices,configmaps,secrets,serviceaccounts,roles,rolebindings,leases,ingresses",
+        "-l",
+        &instance,
+        "-o",
+        "name",
+    ]));
+    assert_eq!(left.trim(), "", "left behind by helm uninstall");
+    let cluster_left =
+        run_ok(env.kubectl().args(["get", "clusterroles,clusterrolebindings", "-l", &instance, "-o", "name"]));
+    assert!(!cluster_left.lines().any(|l| l.contains(&format!("{n}-"))), "{cluster_left}");
+    // Their pods go with their ReplicaSets (after their grace period).
+    let uninstalled = Instant::now();
+    wait_for("the release's pods gone", Duration::from_secs(90), || async {
+        let left = pods.list(&ListParams::default().labels(&instance)).await?;
+        Ok(left.items.is_empty().then_some(()))
+    })
+    .await;
+    eprintln!("helm uninstall -> pods gone: {:.1}s", uninstalled.elapsed().as_secs_f64());
+    let _ = env.docker().args(["rmi", &image]).output();
+    eprintln!("hangar image: {:.1} MB", image_size as f64 / 1e6);
+}
