@@ -20,6 +20,7 @@ use super::placement::HardwareMapping;
 use super::render::{self, RenderInput};
 use super::sleep;
 use super::status::{self, BuildView, Facts};
+use crate::space::app_config::runtime_spec;
 use crate::space::naming::{self, SPACE_LABEL};
 use crate::space::{AppConfig, BuildStatus, ConfigError, Space, SpaceStatus, Stage, resolve};
 use crate::{Error, Result};
@@ -88,7 +89,8 @@ async fn ensure_lease(api: &Api<Lease>, space: &Space, now: Timestamp) -> Result
 
 /// What the Space runs: its configuration, image, build view and build record.
 struct Runnable {
-    config: std::result::Result<AppConfig, (Stage, String)>,
+    /// `None` until a build has read the repository's front matter.
+    config: Option<std::result::Result<AppConfig, (Stage, String)>>,
     image: Option<String>,
     build: BuildView,
     record: Option<BuildStatus>,
@@ -102,24 +104,31 @@ fn config_error(e: ConfigError) -> (Stage, String) {
 fn runnable(space: &Space, builds: &Arc<Builds>) -> Runnable {
     let spec = &space.spec;
     if let Some(image) = &spec.image {
-        let config = resolve(spec, None).map_err(config_error);
+        let config = Some(resolve(spec, None).map_err(config_error));
         return Runnable { config, image: Some(image.clone()), build: BuildView::Idle, record: None };
     }
     if spec.source.is_none() {
         // The CRD's CEL rule forbids this; say so if it happens anyway.
         let error = (Stage::ConfigError, "spec: set exactly one of source or image".to_owned());
-        return Runnable { config: Err(error), image: None, build: BuildView::Idle, record: None };
+        return Runnable { config: Some(Err(error)), image: None, build: BuildView::Idle, record: None };
     }
     let previous_record = space.status.as_ref().and_then(|s| s.build.clone());
     // While a build runs or after it failed, the last good build keeps serving.
     let serving = |build: BuildView, record: Option<BuildStatus>| match builds.last_success(space) {
         Some(out) => Runnable {
-            config: out.app_config.with_runtime_spec(spec).map_err(config_error),
+            config: Some(out.app_config.with_runtime_spec(spec).map_err(config_error)),
             image: Some(out.image),
             build,
             record,
         },
-        None => Runnable { config: resolve(spec, None).map_err(config_error), image: None, build, record },
+        // Nothing built yet: only the spec's own fields can be judged.
+        None => {
+            let config = match runtime_spec(spec) {
+                Err(e) => Some(Err(config_error(e))),
+                Ok(_) => None,
+            };
+            Runnable { config, image: None, build, record }
+        }
     };
     match builds.ensure(space) {
         BuildState::Unavailable => serving(
@@ -135,7 +144,7 @@ fn runnable(space: &Space, builds: &Arc<Builds>) -> Runnable {
             serving(BuildView::Failed { stage: failure.stage, message: failure.message }, Some(record))
         }
         BuildState::Built { output, record } => Runnable {
-            config: output.app_config.with_runtime_spec(spec).map_err(config_error),
+            config: Some(output.app_config.with_runtime_spec(spec).map_err(config_error)),
             image: Some(output.image),
             build: BuildView::Idle,
             record: Some(record),
@@ -174,16 +183,16 @@ async fn reconcile_inner(space: &Space, ctx: &Context) -> Result<Action> {
     // Load and validate.
     let lease = ensure_lease(&leases, space, now).await?;
     let Runnable { config, image, build, record } = runnable(space, &ctx.builds);
-    let sleep_after = config.as_ref().ok().and_then(|c| c.sleep_after);
+    let sleep_after = config.as_ref().and_then(|c| c.as_ref().ok()).and_then(|c| c.sleep_after);
     let decision = sleep::decide(sleep::last_activity(&lease), sleep_after, now);
-    let runnable = config.is_ok() && image.is_some() && !space.spec.paused;
+    let runnable = matches!(config, Some(Ok(_))) && image.is_some() && !space.spec.paused;
     let replicas = i32::from(runnable && !decision.asleep);
 
     // Render and apply.
     let workload = naming::workload_name(&name);
     let apply = PatchParams::apply(FIELD_MANAGER).force();
     let (deployment, template_hash) = match (&config, &image) {
-        (Ok(config), Some(image)) => {
+        (Some(Ok(config)), Some(image)) => {
             let placement = ctx.config.mapping.placement(config.flavor);
             let input =
                 RenderInput { space, config, placement: &placement, image, replicas, domain: &ctx.config.domain };
@@ -212,7 +221,7 @@ async fn reconcile_inner(space: &Space, ctx: &Context) -> Result<Action> {
     let url = format!("{}://{}/", ctx.config.url_scheme, naming::host(&namespace, &name, &ctx.config.domain));
     let desired = status::derive(&Facts {
         generation: space.meta().generation,
-        config_error: config.as_ref().err().cloned(),
+        config_error: config.as_ref().and_then(|c| c.as_ref().err()).cloned(),
         paused: space.spec.paused,
         asleep: decision.asleep,
         build,

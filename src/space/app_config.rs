@@ -69,7 +69,7 @@ pub fn resolve(spec: &SpaceSpec, front_matter: Option<&FrontMatter>) -> Result<A
             ));
         }
     };
-    let flavor = hardware::lookup(&spec.hardware).map_err(|e| ConfigError::new("spec.hardware", e))?;
+    let runtime = runtime_spec(spec)?;
     let app_port = match spec.app_port {
         Some(p) => u16::try_from(p)
             .ok()
@@ -77,12 +77,8 @@ pub fn resolve(spec: &SpaceSpec, front_matter: Option<&FrontMatter>) -> Result<A
             .ok_or_else(|| ConfigError::new("spec.appPort", format!("{p} is not a port (1-65535)")))?,
         None => fm.app_port.map_or(default_port(sdk), u16::from),
     };
-    let sleep_after = match &spec.sleep_after {
-        Some(s) => duration::parse_sleep(s).map_err(|e| ConfigError::new("spec.sleepAfter", e))?,
-        None => flavor.default_sleep_after,
-    };
-    let startup_timeout = match (&spec.startup_timeout, &fm.startup_duration_timeout) {
-        (Some(s), _) => duration::parse(s).map_err(|e| ConfigError::new("spec.startupTimeout", e))?,
+    let startup_timeout = match (runtime.startup_timeout, &fm.startup_duration_timeout) {
+        (Some(t), _) => t,
         (None, Some(s)) => duration::parse(s).map_err(|e| ConfigError::new("README.md startup_duration_timeout", e))?,
         (None, None) => DEFAULT_STARTUP_TIMEOUT,
     };
@@ -111,8 +107,8 @@ pub fn resolve(spec: &SpaceSpec, front_matter: Option<&FrontMatter>) -> Result<A
         app_file,
         app_port,
         base_path,
-        flavor,
-        sleep_after,
+        flavor: runtime.flavor,
+        sleep_after: runtime.sleep_after,
         startup_timeout,
         title: fm.title,
         custom_headers: fm.custom_headers,
@@ -120,19 +116,37 @@ pub fn resolve(spec: &SpaceSpec, front_matter: Option<&FrontMatter>) -> Result<A
     })
 }
 
+/// The spec fields that do not change the image: hardware, sleep and startup times.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RuntimeSpec {
+    pub flavor: &'static Flavor,
+    pub sleep_after: Option<Duration>,
+    /// `None`: the front matter's (or the default) applies.
+    pub startup_timeout: Option<Duration>,
+}
+
+/// Validates the spec's runtime fields; needs no repository.
+pub fn runtime_spec(spec: &SpaceSpec) -> Result<RuntimeSpec, ConfigError> {
+    let flavor = hardware::lookup(&spec.hardware).map_err(|e| ConfigError::new("spec.hardware", e))?;
+    let sleep_after = match &spec.sleep_after {
+        Some(s) => duration::parse_sleep(s).map_err(|e| ConfigError::new("spec.sleepAfter", e))?,
+        None => flavor.default_sleep_after,
+    };
+    let startup_timeout = match &spec.startup_timeout {
+        Some(s) => Some(duration::parse(s).map_err(|e| ConfigError::new("spec.startupTimeout", e))?),
+        None => None,
+    };
+    Ok(RuntimeSpec { flavor, sleep_after, startup_timeout })
+}
+
 impl AppConfig {
-    /// Re-applies the spec fields that do not change the image (hardware,
-    /// sleep and startup times) to a configuration resolved at build time, so
-    /// changing them needs no rebuild.
+    /// Re-applies the spec's runtime fields to a configuration resolved at
+    /// build time, so changing them needs no rebuild.
     pub fn with_runtime_spec(mut self, spec: &SpaceSpec) -> Result<Self, ConfigError> {
-        self.flavor = hardware::lookup(&spec.hardware).map_err(|e| ConfigError::new("spec.hardware", e))?;
-        self.sleep_after = match &spec.sleep_after {
-            Some(s) => duration::parse_sleep(s).map_err(|e| ConfigError::new("spec.sleepAfter", e))?,
-            None => self.flavor.default_sleep_after,
-        };
-        if let Some(s) = &spec.startup_timeout {
-            self.startup_timeout = duration::parse(s).map_err(|e| ConfigError::new("spec.startupTimeout", e))?;
-        }
+        let runtime = runtime_spec(spec)?;
+        self.flavor = runtime.flavor;
+        self.sleep_after = runtime.sleep_after;
+        self.startup_timeout = runtime.startup_timeout.unwrap_or(self.startup_timeout);
         Ok(self)
     }
 }
