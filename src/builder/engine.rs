@@ -101,16 +101,11 @@ impl Engine {
         &self.docker
     }
 
-    /// The digest (`sha256:...`) of `repository:tag` if it is already pushed:
-    /// first from the engine's own record of a push, else asking the registry.
+    /// The digest (`sha256:...`) of `repository:tag` if the registry has it.
+    /// The registry, not the engine's memory of a push, is asked: pods pull
+    /// from there, and a registry may have been wiped since.
     pub async fn pushed_digest(&self, repository: &str, tag: &str) -> Option<String> {
         let reference = format!("{repository}:{tag}");
-        if let Ok(image) = self.docker.inspect_image(&reference).await
-            && let Some(d) = repo_digest(image.repo_digests.as_deref().unwrap_or_default(), repository)
-        {
-            return Some(d);
-        }
-        // Not known locally (another builder made it, or the engine was pruned).
         let found = self.docker.inspect_registry_image(&reference, self.credentials.clone()).await.ok()?;
         found.descriptor.digest
     }

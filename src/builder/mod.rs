@@ -33,7 +33,8 @@
 //!   the extra CA for pip); docker uses the repository's Dockerfile.
 //! * Builds are keyed by (commit, sdk, generated Dockerfile, variables, base
 //!   image, extra CA): a key whose image is already pushed is reused without
-//!   building (`BuildOutput::reused`; found via the engine, else the registry).
+//!   building (`BuildOutput::reused`; asked of the registry, or of the engine
+//!   when `push` is off).
 //! * Images are `<registry>/<namespace>/<space>:<commit>-<key16>` (the build)
 //!   and `:<commit>` (the newest build of that commit); `BuildOutput::image`
 //!   pins the digest.
