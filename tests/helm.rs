@@ -17,7 +17,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use hangar::space::Space;
-use hangar::space::naming::HEAD_SHA_ANNOTATION;
+use hangar::space::naming::{HEAD_SHA_ANNOTATION, activity_lease_name};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{Node, Pod};
@@ -83,13 +83,18 @@ fn build_and_push_image(env: &TestEnv, tag: &str) -> (String, u64) {
     (image, size)
 }
 
-/// `kubectl auth can-i` as a ServiceAccount: true when allowed.
+/// `kubectl auth can-i` as a ServiceAccount: true when allowed. `resource` may name a
+/// subresource (`spaces.hangar.dev/status`) or one object (`leases.coordination.k8s.io#name`).
 fn can_i(ns: &TestNamespace, sa: &str, verb: &str, resource: &str, namespace: &str) -> bool {
     let mut cmd = ns.env.kubectl();
-    match resource.split_once('/') {
-        Some((resource, subresource)) => cmd.args(["auth", "can-i", verb, resource, "--subresource", subresource]),
-        None => cmd.args(["auth", "can-i", verb, resource]),
-    };
+    cmd.args(["auth", "can-i", verb]);
+    if let Some((resource, subresource)) = resource.split_once('/') {
+        cmd.args([resource, "--subresource", subresource]);
+    } else if let Some((resource, name)) = resource.split_once('#') {
+        cmd.arg(format!("{resource}/{name}"));
+    } else {
+        cmd.arg(resource);
+    }
     let out = cmd
         .args(["-n", namespace])
         .arg(format!("--as=system:serviceaccount:{}:{sa}", ns.name))
@@ -241,8 +246,8 @@ async fn helm_install_runs_hangar_with_the_charts_rbac_and_uninstall_leaves_noth
     assert_eq!(spec.node_name.as_deref(), Some(env.real_node.as_str()));
     assert_eq!(spec.service_account_name.as_deref(), Some("hgr-hangar-operator"));
     assert_eq!(spec.containers[0].image.as_deref(), Some(image.as_str()));
-    let leader: Api<Lease> = ns.api();
-    let holder = leader.get("hangar-operator-leader").await.expect("leader lease").spec.and_then(|s| s.holder_identity);
+    let leases: Api<Lease> = ns.api();
+    let holder = leases.get("hangar-operator-leader").await.expect("leader lease").spec.and_then(|s| s.holder_identity);
     assert_eq!(holder.as_deref(), operator_pod.metadata.name.as_deref(), "POD_NAME is the leader identity");
 
     // Least privilege: what each ServiceAccount may and may not do.
@@ -332,6 +337,19 @@ async fn helm_install_runs_hangar_with_the_charts_rbac_and_uninstall_leaves_noth
         .await
         .expect("proxy request");
     assert_eq!(private.status().as_u16(), 401, "a private Space without a token");
+    // A request to a Space renews its activity Lease (the proxy's server-side apply, a patch).
+    let _ = http
+        .get(format!("http://127.0.0.1:{proxy_port}/"))
+        .header("host", format!("{n}-whisper-t4.{domain}"))
+        .timeout(Duration::from_secs(1))
+        .send()
+        .await;
+    wait_for("the proxy renewing the GPU Space's activity Lease", Duration::from_secs(30), || async {
+        let lease = leases.get(&activity_lease_name("whisper-t4")).await?;
+        let managers = lease.metadata.managed_fields.unwrap_or_default();
+        Ok(managers.iter().any(|m| m.manager.as_deref() == Some("hangar-proxy")).then_some(()))
+    })
+    .await;
     let sha = "3".repeat(40);
     let delivery = json!({
         "event": {"action": "update", "scope": "repo.content"},
@@ -389,4 +407,80 @@ async fn helm_install_runs_hangar_with_the_charts_rbac_and_uninstall_leaves_noth
     eprintln!("helm uninstall -> pods gone: {:.1}s", uninstalled.elapsed().as_secs_f64());
     let _ = env.docker().args(["rmi", &image]).output();
     eprintln!("hangar image: {:.1} MB", image_size as f64 / 1e6);
+}
+
+/// The default mode (`watchNamespace` empty): ClusterRoles, so the components serve Spaces in
+/// every namespace, still with only the verbs they use. Nothing runs (replicas 0): this
+/// checks the RBAC the chart grants cluster-wide, and that uninstall removes it.
+#[tokio::test(flavor = "multi_thread")]
+async fn cluster_wide_rbac_grants_only_what_each_component_uses() {
+    let ns = TestNamespace::new("helm-crb", &["kube-apiserver"]).await;
+    let env = ns.env.clone();
+    let helm_home = tempfile::tempdir().expect("helm home");
+    let helm = || {
+        let mut c = env.helm(helm_home.path());
+        c.args(["-n", &ns.name]);
+        c
+    };
+    let release = "wide";
+    run_ok(helm().args(["install", release]).arg(repo_root().join("charts/hangar")).args([
+        "--set",
+        "operator.replicas=0",
+        "--set",
+        "proxy.replicas=0",
+        "--set",
+        "webhook.replicas=0",
+    ]));
+    let instance = format!("app.kubernetes.io/instance={release}");
+    let cluster_rbac =
+        || run_ok(env.kubectl().args(["get", "clusterroles,clusterrolebindings", "-l", &instance, "-o", "name"]));
+    let prefix = format!("{}-{release}-hangar", ns.name);
+    let made = cluster_rbac();
+    for component in ["operator", "proxy", "webhook"] {
+        for kind in ["clusterrole", "clusterrolebinding"] {
+            let name = format!("{kind}.rbac.authorization.k8s.io/{prefix}-{component}");
+            assert!(made.lines().any(|l| l == name), "missing {name} in:\n{made}");
+        }
+    }
+    // Another namespace than the release's: cluster-wide rules apply there too.
+    let elsewhere = "default";
+    for (sa, verb, resource, allowed) in [
+        ("wide-hangar-operator", "watch", "spaces.hangar.dev", true),
+        ("wide-hangar-operator", "patch", "spaces.hangar.dev/status", true),
+        ("wide-hangar-operator", "create", "deployments.apps", true),
+        ("wide-hangar-operator", "create", "leases.coordination.k8s.io", true),
+        ("wide-hangar-operator", "delete", "deployments.apps", false),
+        ("wide-hangar-operator", "update", "leases.coordination.k8s.io", false),
+        ("wide-hangar-operator", "list", "secrets", false),
+        ("wide-hangar-operator", "create", "secrets", false),
+        ("wide-hangar-operator", "list", "nodes", false),
+        ("wide-hangar-proxy", "list", "secrets", true),
+        ("wide-hangar-proxy", "get", "secrets", false),
+        ("wide-hangar-proxy", "patch", "leases.coordination.k8s.io", true),
+        ("wide-hangar-proxy", "create", "leases.coordination.k8s.io", false),
+        ("wide-hangar-proxy", "list", "pods", false),
+        ("wide-hangar-webhook", "patch", "spaces.hangar.dev", true),
+        ("wide-hangar-webhook", "list", "spaces.hangar.dev", false),
+        ("wide-hangar-webhook", "create", "spaces.hangar.dev", false),
+    ] {
+        assert_eq!(can_i(&ns, sa, verb, resource, elsewhere), allowed, "{sa} {verb} {resource} in {elsewhere}");
+    }
+    // Leader election: `update` on the one Lease named hangar-operator-leader, in the release namespace.
+    assert!(can_i(
+        &ns,
+        "wide-hangar-operator",
+        "update",
+        "leases.coordination.k8s.io#hangar-operator-leader",
+        &ns.name
+    ));
+    assert!(!can_i(&ns, "wide-hangar-operator", "update", "leases.coordination.k8s.io#another", &ns.name));
+    assert!(!can_i(
+        &ns,
+        "wide-hangar-operator",
+        "update",
+        "leases.coordination.k8s.io#hangar-operator-leader",
+        elsewhere
+    ));
+    run_ok(helm().args(["uninstall", release, "--wait", "--timeout", "60s"]));
+    assert_eq!(cluster_rbac().trim(), "", "ClusterRoles left behind by helm uninstall");
 }
