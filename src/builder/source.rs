@@ -10,7 +10,7 @@
 //! an `Authorization` header through `GIT_CONFIG_*` environment variables, and
 //! any `user:password@` in a user-supplied URL is redacted from messages.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -31,6 +31,31 @@ pub struct GitCredentials {
 impl fmt::Debug for GitCredentials {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("GitCredentials").field("username", &self.username).field("password", &"<redacted>").finish()
+    }
+}
+
+impl GitCredentials {
+    /// From the data of the Secret named by `spec.source.credentialsSecret`:
+    /// `username` + `password`, or a `token` (sent as the password, with
+    /// `username` if set, else `hangar`: token hosts ignore the user name).
+    pub fn from_secret_data(data: &BTreeMap<String, k8s_openapi::ByteString>) -> Result<Self, SourceError> {
+        let text = |key: &str| -> Result<Option<String>, SourceError> {
+            data.get(key)
+                .map(|v| {
+                    String::from_utf8(v.0.clone())
+                        .map(|s| s.trim_end_matches(['\r', '\n']).to_owned())
+                        .map_err(|_| SourceError(format!("credentials secret key {key:?} is not UTF-8")))
+                })
+                .transpose()
+        };
+        let username = text("username")?;
+        let password = match (text("password")?, text("token")?) {
+            (Some(p), _) | (None, Some(p)) if !p.is_empty() => p,
+            _ => {
+                return Err(SourceError("credentials secret needs `password` (with `username`) or `token`".to_owned()));
+            }
+        };
+        Ok(Self { username: username.unwrap_or_else(|| "hangar".to_owned()), password })
     }
 }
 
@@ -198,6 +223,23 @@ mod tests {
         );
         assert_eq!(redact_url("file:///tmp/x and https://h/p"), "file:///tmp/x and https://h/p");
         assert_eq!(redact_url("no url"), "no url");
+    }
+
+    #[test]
+    fn credentials_from_secret_data() {
+        use k8s_openapi::ByteString;
+        let data = |pairs: &[(&str, &str)]| -> BTreeMap<String, ByteString> {
+            pairs.iter().map(|(k, v)| ((*k).to_owned(), ByteString(v.as_bytes().to_vec()))).collect()
+        };
+        let c = GitCredentials::from_secret_data(&data(&[("username", "bob"), ("password", "pw\n")])).expect("ok");
+        assert_eq!((c.username.as_str(), c.password.as_str()), ("bob", "pw"));
+        let c = GitCredentials::from_secret_data(&data(&[("token", "hf_abc")])).expect("ok");
+        assert_eq!((c.username.as_str(), c.password.as_str()), ("hangar", "hf_abc"));
+        let err = GitCredentials::from_secret_data(&data(&[("username", "bob")])).expect_err("no password");
+        assert!(err.0.contains("`token`"), "{err}");
+        let mut bad = data(&[]);
+        bad.insert("token".into(), ByteString(vec![0xff]));
+        assert!(GitCredentials::from_secret_data(&bad).is_err());
     }
 
     #[test]
