@@ -250,6 +250,29 @@ async fn helm_install_runs_hangar_with_the_charts_rbac_and_uninstall_leaves_noth
     let holder = leases.get("hangar-operator-leader").await.expect("leader lease").spec.and_then(|s| s.holder_identity);
     assert_eq!(holder.as_deref(), operator_pod.metadata.name.as_deref(), "POD_NAME is the leader identity");
 
+    // An upgrade that changes the pod template rolls the operator: the new pod takes the lead.
+    let rolled = Instant::now();
+    run_ok(
+        helm()
+            .args(["upgrade", release])
+            .arg(&chart)
+            .arg("-f")
+            .arg(&values_file)
+            .args(["--set", "podAnnotations.hangar\\.dev/rolled=yes"]),
+    );
+    let old_pod = operator_pod.metadata.name.clone().expect("pod name");
+    let new_leader = wait_for("a new operator pod leading after the upgrade", Duration::from_secs(90), || async {
+        let d = deployments.get("hgr-hangar-operator").await?;
+        let status = d.status.unwrap_or_default();
+        if status.updated_replicas != Some(1) || status.available_replicas != Some(1) || status.replicas != Some(1) {
+            return Ok(None);
+        }
+        let holder = leases.get("hangar-operator-leader").await?.spec.and_then(|s| s.holder_identity);
+        Ok(holder.filter(|h| *h != old_pod))
+    })
+    .await;
+    eprintln!("helm upgrade -> new operator pod {new_leader} leading: {:.1}s", rolled.elapsed().as_secs_f64());
+
     // Least privilege: what each ServiceAccount may and may not do.
     let n = ns.name.as_str();
     for (sa, verb, resource, allowed) in [
