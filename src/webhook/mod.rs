@@ -190,6 +190,9 @@ pub async fn serve(args: WebhookArgs) -> crate::Result<()> {
     if secret.is_empty() {
         return Err(crate::Error::Io(std::io::Error::other("the webhook secret is empty")));
     }
+    // kube's TLS needs a process-wide rustls provider; the crate builds only
+    // `ring`, but say so explicitly (an error just means one is installed).
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let client = kube::Client::try_default().await?;
     let app = router(&secret, KubeSpaces::new(client));
     let listener = tokio::net::TcpListener::bind(args.listen).await?;
