@@ -89,7 +89,7 @@ async fn main() -> Result<()> {
 
     let mapping = dir.path().join("mapping.yaml");
     std::fs::write(&mapping, MAPPING)?;
-    let mut operator = Command::new(&bin)
+    let mut operator = Command::new(bin)
         .args(["operator", "--namespace", &op_ns, "--http-addr", "127.0.0.1:0"])
         .arg("--hardware-mapping")
         .arg(&mapping)
