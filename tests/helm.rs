@@ -130,6 +130,17 @@ async fn helm_install_runs_hangar_with_the_charts_rbac_and_uninstall_leaves_noth
     // (cluster-wide) mode with every optional part on.
     let lint = run_ok(env.helm(helm_home.path()).args(["lint", "--strict"]).arg(&chart));
     assert!(lint.contains("0 chart(s) failed"), "{lint}");
+    // values.schema.json catches mistakes before anything reaches the cluster.
+    for (bad, why) in [
+        ("operator.hardwareMapping.flavors.t5-huge.nodeSelector.pool=gpu", "t5-huge"),
+        ("domain=Not_A_Domain", "domain"),
+        ("operator.builder.timeout=soon", "timeout"),
+        ("proxy.port=0", "port"),
+        ("operator.leaderElection=false,operator.replicas=2", "leaderElection"),
+    ] {
+        let err = support::run_fails(helm().args(["template", "bad"]).arg(&chart).args(["--set", bad]));
+        assert!(err.contains(why), "--set {bad}: {err}");
+    }
     let everything = run_ok(
         helm()
             .args([
@@ -190,6 +201,8 @@ async fn helm_install_runs_hangar_with_the_charts_rbac_and_uninstall_leaves_noth
             {"name": "KUBERNETES_SERVICE_PORT", "value": api_port},
         ],
         "nodeSelector": {"hangar.dev/test-node": "real"},
+        // The real node may pose as a GPU node (HANGAR_TESTENV_REAL_GPU): taint tolerated.
+        "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
         "operator": {
             "httpPort": operator_port,
             "resources": {"requests": {"cpu": "10m", "memory": "32Mi"}},
