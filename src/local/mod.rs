@@ -159,8 +159,14 @@ pub async fn run(args: UpArgs) -> crate::Result<()> {
     remove_orphans(runtime.as_ref(), &up_dir, &spaces.iter().map(|s| s.key.clone()).collect()).await;
 
     let source = MemorySource::new(&args.domain);
-    let proxy_config =
-        ProxyConfig { listen: args.listen, drain_timeout: Duration::from_secs(5), ..ProxyConfig::default() };
+    let proxy_config = ProxyConfig {
+        listen: args.listen,
+        drain_timeout: Duration::from_secs(5),
+        // Activity goes to memory here, not to Leases: a fine grain is cheap
+        // and keeps short sleep times exact.
+        activity_interval: Duration::from_millis(200),
+        ..ProxyConfig::default()
+    };
     let routes: Arc<dyn RouteSource> = source.clone();
     let proxy = crate::proxy::start(proxy_config, routes).await.map_err(|e| {
         crate::Error::Invalid(format!(

@@ -1,0 +1,397 @@
+//! Engine tier: `hangar up` as a real process on a real Docker engine.
+//!
+//! Needs the test bed's Docker engine and base images (`scripts/testenv up`,
+//! `eval "$(scripts/testenv env)"`); fails with the reason when they are missing.
+//! Each test uses an owner of its own, so its containers are told apart by
+//! name and label and removed at the end, whatever happens.
+
+mod support;
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use support::{TestEnv, run_ok, unique_name};
+
+/// A running `hangar up` and everything it printed.
+struct Up {
+    child: Option<Child>,
+    lines: Arc<Mutex<Vec<String>>>,
+    stderr: Arc<Mutex<Vec<String>>>,
+    addr: SocketAddr,
+}
+
+impl Up {
+    fn start(env: &TestEnv, dir: &Path, owner: &str, state: &Path) -> Self {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_hangar"))
+            .arg("up")
+            .arg(dir)
+            .args(["--listen", "127.0.0.1:0", "--owner", owner, "--state-dir"])
+            .arg(state)
+            .env("DOCKER_HOST", &env.docker_host)
+            .env("HANGAR_PYTHON_IMAGE", &env.python_image)
+            .env("HANGAR_STATIC_IMAGE", &env.static_image)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn hangar up");
+        let lines = Arc::new(Mutex::new(Vec::new()));
+        let stderr = Arc::new(Mutex::new(Vec::new()));
+        let (out, err) = (child.stdout.take().expect("stdout"), child.stderr.take().expect("stderr"));
+        for (pipe, sink) in [(Box::new(out) as Box<dyn std::io::Read + Send>, &lines), (Box::new(err), &stderr)] {
+            let sink = Arc::clone(sink);
+            std::thread::spawn(move || {
+                for line in BufReader::new(pipe).lines().map_while(Result::ok) {
+                    sink.lock().expect("lines").push(line);
+                }
+            });
+        }
+        let mut up = Self { child: Some(child), lines, stderr, addr: SocketAddr::from(([127, 0, 0, 1], 0)) };
+        let first = up.wait_line("the proxy address", Duration::from_secs(60), |l| l.contains("proxy on http://"));
+        let addr = first.rsplit("http://").next().and_then(|a| a.trim().parse().ok());
+        up.addr = addr.unwrap_or_else(|| panic!("no proxy address in {first:?}"));
+        // `hangar up: N Space(s) from ...`, then one URL line per Space.
+        let n: usize = first.split_whitespace().nth(2).and_then(|n| n.parse().ok()).expect("Space count");
+        let start = Instant::now();
+        while up.urls().len() < n {
+            assert!(start.elapsed() < Duration::from_secs(10), "{n} URL lines expected\n{}", up.output());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        up
+    }
+
+    /// Waits for a printed line matching `pred` (any time since the start).
+    fn wait_line(&self, what: &str, timeout: Duration, pred: impl Fn(&str) -> bool) -> String {
+        let start = Instant::now();
+        loop {
+            if let Some(l) = self.lines.lock().expect("lines").iter().find(|l| pred(l)) {
+                return l.clone();
+            }
+            if start.elapsed() > timeout {
+                panic!("timed out after {timeout:?} waiting for {what}\n{}", self.output());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn count(&self, pred: impl Fn(&str) -> bool) -> usize {
+        self.lines.lock().expect("lines").iter().filter(|l| pred(l)).count()
+    }
+
+    fn output(&self) -> String {
+        let out = self.lines.lock().expect("lines").join("\n");
+        let err = self.stderr.lock().expect("stderr");
+        let err = err[err.len().saturating_sub(40)..].join("\n");
+        format!("--- hangar up stdout ---\n{out}\n--- hangar up stderr (tail) ---\n{err}")
+    }
+
+    /// The URLs `hangar up` printed, by Space id.
+    fn urls(&self) -> Vec<(String, String)> {
+        self.lines
+            .lock()
+            .expect("lines")
+            .iter()
+            .filter_map(|l| {
+                let mut parts = l.split_whitespace();
+                let (id, url) = (parts.next()?, parts.next()?);
+                (l.starts_with("  ") && url.starts_with("http://")).then(|| (id.to_owned(), url.to_owned()))
+            })
+            .collect()
+    }
+
+    /// A client that resolves the printed `*.localhost` host names to the proxy.
+    fn client(&self, hosts: &[&str]) -> reqwest::Client {
+        let mut b = reqwest::Client::builder().no_proxy().timeout(Duration::from_secs(120));
+        for h in hosts {
+            b = b.resolve(h, self.addr);
+        }
+        b.build().expect("client")
+    }
+
+    fn signal(&self, sig: &str) {
+        let pid = self.child.as_ref().expect("running").id().to_string();
+        run_ok(Command::new("kill").args([sig, &pid]));
+    }
+
+    /// Waits for the process to exit; returns its status.
+    fn wait_exit(&mut self, timeout: Duration) -> std::process::ExitStatus {
+        let start = Instant::now();
+        let child = self.child.as_mut().expect("running");
+        loop {
+            if let Some(status) = child.try_wait().expect("try_wait") {
+                self.child = None;
+                return status;
+            }
+            if start.elapsed() > timeout {
+                panic!("hangar up did not exit within {timeout:?}\n{}", self.output());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Up {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        if std::thread::panicking() {
+            eprintln!("{}", self.output());
+        }
+    }
+}
+
+/// Removes the test's containers (by name prefix) when the test ends.
+struct Containers {
+    env: TestEnv,
+    owner: String,
+}
+
+impl Containers {
+    /// `(name, running)` of the owner's containers that carry the Space label.
+    fn list(&self) -> Vec<(String, bool)> {
+        let out = run_ok(self.env.docker().args([
+            "ps",
+            "-a",
+            "--filter",
+            &format!("name=hangar_{}_", self.owner),
+            "--filter",
+            "label=hangar.dev/space",
+            "--format",
+            "{{.Names}} {{.State}}",
+        ]));
+        out.lines().filter_map(|l| l.split_once(' ').map(|(n, s)| (n.to_owned(), s == "running"))).collect()
+    }
+
+    fn id(&self, name: &str) -> String {
+        run_ok(self.env.docker().args(["inspect", "-f", "{{.Id}}", name])).trim().to_owned()
+    }
+
+    fn running(&self, name: &str) -> bool {
+        run_ok(self.env.docker().args(["inspect", "-f", "{{.State.Running}}", name])).trim() == "true"
+    }
+}
+
+impl Drop for Containers {
+    fn drop(&mut self) {
+        for (name, _) in self.list() {
+            let _ = self.env.docker().args(["rm", "-f", &name]).output();
+        }
+    }
+}
+
+fn hangar_ls(state: &Path) -> String {
+    run_ok(Command::new(env!("CARGO_BIN_EXE_hangar")).args(["ls", "--state-dir"]).arg(state))
+}
+
+fn host_of(url: &str) -> &str {
+    url.trim_start_matches("http://").split([':', '/']).next().unwrap_or_default()
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).expect("mkdir");
+    for e in std::fs::read_dir(from).expect("read_dir") {
+        let e = e.expect("entry");
+        let target = to.join(e.file_name());
+        if e.file_type().expect("type").is_dir() {
+            copy_dir(&e.path(), &target);
+        } else {
+            std::fs::copy(e.path(), target).expect("copy");
+        }
+    }
+}
+
+fn examples() -> PathBuf {
+    support::repo_root().join("examples/spaces")
+}
+
+/// The bundled examples: every printed URL answers through the proxy with its
+/// app; `hangar ls` shows the stages; SIGINT stops the containers and exits 0.
+#[tokio::test(flavor = "multi_thread")]
+async fn examples_are_served_and_sigint_stops_cleanly() {
+    let env = TestEnv::engine();
+    let owner = unique_name("ex");
+    let containers = Containers { env: env.clone(), owner: owner.clone() };
+    let state = tempfile::tempdir().expect("state dir");
+    // A copy: a folder's containers of other owners count as its orphans, and
+    // the examples may be served by a `scripts/up` of their own meanwhile.
+    let dir = tempfile::tempdir().expect("dir");
+    copy_dir(&examples(), dir.path());
+    let t0 = Instant::now();
+    let mut up = Up::start(&env, dir.path(), &owner, state.path());
+    let urls = up.urls();
+    let ids: Vec<&str> = urls.iter().map(|(id, _)| id.as_str()).collect();
+    assert_eq!(
+        ids,
+        [format!("{owner}/echo"), format!("{owner}/gradio-hello"), format!("{owner}/static-site")],
+        "{}",
+        up.output()
+    );
+    let hosts: Vec<&str> = urls.iter().map(|(_, u)| host_of(u)).collect();
+    let client = up.client(&hosts);
+
+    // Requests sent before the Spaces are built are held, then answered.
+    let static_url = &urls[2].1;
+    let resp = client.get(static_url).send().await.expect("static Space answers");
+    let first_answer = t0.elapsed();
+    assert_eq!(resp.status(), 200);
+    assert!(resp.text().await.expect("body").contains("hangar-example-static"));
+    eprintln!("time to the first URL answering (static, held while building): {first_answer:?}");
+
+    up.wait_line("echo RUNNING", Duration::from_secs(300), |l| l.starts_with(&format!("{owner}/echo: RUNNING")));
+    let echo: serde_json::Value =
+        client.get(&urls[0].1).send().await.expect("echo answers").json().await.expect("echo JSON");
+    assert_eq!(echo["env"]["SPACE_ID"], format!("{owner}/echo"));
+    assert_eq!(echo["env"]["SYSTEM"], "spaces");
+    assert_eq!(echo["env"]["GREETING"], "hello from a manifest", "the manifest's env reaches the app");
+    assert_eq!(echo["env"]["SPACE_HOST"], format!("{owner}-echo.localhost"));
+    assert_eq!(echo["uid"], 1000, "runs as the image's user");
+    // The app sees the public host name (as Host, or X-Forwarded-Host when the proxy sets Host to the upstream).
+    let headers = echo["headers"].as_object().expect("headers");
+    assert!(
+        headers.iter().any(|(k, v)| (k.eq_ignore_ascii_case("host") || k.eq_ignore_ascii_case("x-forwarded-host"))
+            && v.as_str().is_some_and(|h| h.starts_with(&format!("{owner}-echo.localhost")))),
+        "{echo}"
+    );
+
+    up.wait_line("gradio RUNNING", Duration::from_secs(600), |l| {
+        l.starts_with(&format!("{owner}/gradio-hello: RUNNING"))
+    });
+    let resp = client.get(&urls[1].1).send().await.expect("gradio answers");
+    assert_eq!(resp.status(), 200);
+    assert!(resp.text().await.expect("body").to_lowercase().contains("gradio"));
+    // Path routing reaches the same app.
+    let path_url = format!("http://{}/spaces/{owner}/static-site/", up.addr);
+    let body = client.get(&path_url).send().await.expect("path route").text().await.expect("body");
+    assert!(body.contains("hangar-example-static"));
+
+    let ls = hangar_ls(state.path());
+    for name in ["echo", "gradio-hello", "static-site"] {
+        assert!(
+            ls.lines().any(|l| l.starts_with(&format!("{owner}/{name} ")) && l.contains("RUNNING")),
+            "hangar ls:\n{ls}"
+        );
+    }
+    let list = containers.list();
+    assert_eq!(list.len(), 3, "one container per Space: {list:?}");
+    assert!(list.iter().all(|(_, running)| *running), "{list:?}");
+
+    up.signal("-INT");
+    let status = up.wait_exit(Duration::from_secs(60));
+    assert!(status.success(), "exit status {status}\n{}", up.output());
+    let list = containers.list();
+    assert_eq!(list.len(), 3, "containers are kept (stopped) for a fast start: {list:?}");
+    assert!(list.iter().all(|(_, running)| !running), "SIGINT stops every container: {list:?}");
+    assert!(hangar_ls(state.path()).contains("no hangar up is running"));
+}
+
+/// A Space with a 3 s sleep time: its container stops when idle, the next
+/// request is held and answered after a wake; a crashed `hangar up`'s running
+/// container is adopted by the next one (no duplicate, no rebuild).
+#[tokio::test(flavor = "multi_thread")]
+async fn sleeps_wakes_and_a_restart_adopts_the_running_container() {
+    let env = TestEnv::engine();
+    let owner = unique_name("sl");
+    let containers = Containers { env: env.clone(), owner: owner.clone() };
+    let dir = tempfile::tempdir().expect("dir");
+    let state = tempfile::tempdir().expect("state dir");
+    copy_dir(&examples().join("echo"), &dir.path().join("nap"));
+    std::fs::write(
+        dir.path().join("nap/space.yaml"),
+        "apiVersion: hangar.dev/v1alpha1\nkind: Space\nmetadata:\n  name: nap\nspec:\n  sleepAfter: 3s\n  env:\n    GREETING: zzz\n",
+    )
+    .expect("manifest");
+    let id = format!("{owner}/nap");
+    let name = format!("hangar_{owner}_nap");
+
+    let mut up = Up::start(&env, dir.path(), &owner, state.path());
+    let url = up.urls().pop().map(|(_, u)| u).unwrap_or_else(|| panic!("no URL\n{}", up.output()));
+    let client = up.client(&[host_of(&url)]);
+    up.wait_line("RUNNING", Duration::from_secs(300), |l| l.starts_with(&format!("{id}: RUNNING")));
+    let first_id = containers.id(&name);
+    let resp = client.get(&url).send().await.expect("answers");
+    assert_eq!(resp.status(), 200);
+
+    // Idle for 3 s: asleep, container stopped.
+    up.wait_line("SLEEPING", Duration::from_secs(30), |l| l.starts_with(&format!("{id}: SLEEPING")));
+    assert!(!containers.running(&name), "a sleeping Space's container is stopped");
+    assert!(hangar_ls(state.path()).contains("SLEEPING"));
+
+    // The next request is held through the wake and answered.
+    let t = Instant::now();
+    let resp = client.get(&url).send().await.expect("held and answered");
+    let wake = t.elapsed();
+    assert_eq!(resp.status(), 200);
+    let body: serde_json::Value = resp.json().await.expect("JSON");
+    assert_eq!(body["env"]["GREETING"], "zzz");
+    eprintln!("wake from a stopped container to the answered request: {wake:?}");
+    assert!(containers.running(&name));
+    assert_eq!(containers.list().len(), 1);
+    assert_eq!(up.count(|l| l.starts_with(&format!("{id}: waking"))), 1, "one wake");
+
+    // A crash (SIGKILL) leaves the container running; the next `hangar up` adopts it.
+    up.signal("-KILL");
+    up.wait_exit(Duration::from_secs(10));
+    assert!(containers.running(&name), "the container outlives a crashed hangar up");
+    assert!(hangar_ls(state.path()).contains("STOPPED"), "ls tells a dead hangar up's Spaces are not served");
+    let mut up = Up::start(&env, dir.path(), &owner, state.path());
+    up.wait_line("RUNNING", Duration::from_secs(120), |l| l.starts_with(&format!("{id}: RUNNING")));
+    assert_eq!(up.count(|l| l.contains("adopted its running container")), 1, "{}", up.output());
+    assert_eq!(up.count(|l| l.contains("image reused")), 1, "unchanged: not rebuilt\n{}", up.output());
+    assert_eq!(containers.list().len(), 1, "no duplicate");
+    assert_eq!(containers.id(&name), first_id, "the same container, not a new one");
+    let client = up.client(&[host_of(&url)]);
+    let url = up.urls().pop().map(|(_, u)| u).expect("URL");
+    assert_eq!(client.get(&url).send().await.expect("answers").status(), 200);
+
+    up.signal("-INT");
+    assert!(up.wait_exit(Duration::from_secs(60)).success(), "{}", up.output());
+    assert!(!containers.running(&name));
+}
+
+/// A Space that cannot build shows its stage in `hangar ls` and in the proxy's
+/// answer, while the other Spaces run.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_broken_space_reports_its_stage_and_the_others_run() {
+    let env = TestEnv::engine();
+    let owner = unique_name("br");
+    let _containers = Containers { env: env.clone(), owner: owner.clone() };
+    let dir = tempfile::tempdir().expect("dir");
+    let state = tempfile::tempdir().expect("state dir");
+    copy_dir(&examples().join("static-site"), &dir.path().join("fine"));
+    std::fs::create_dir_all(dir.path().join("noapp")).expect("mkdir");
+    std::fs::write(dir.path().join("noapp/README.md"), "---\nsdk: gradio\n---\nno app.py here\n").expect("readme");
+    let mut up = Up::start(&env, dir.path(), &owner, state.path());
+    up.wait_line("NO_APP_FILE", Duration::from_secs(120), |l| l.starts_with(&format!("{owner}/noapp: NO_APP_FILE")));
+    up.wait_line("fine RUNNING", Duration::from_secs(120), |l| l.starts_with(&format!("{owner}/fine: RUNNING")));
+    let urls = up.urls();
+    let client = up.client(&urls.iter().map(|(_, u)| host_of(u)).collect::<Vec<_>>());
+    let broken = &urls.iter().find(|(i, _)| i.ends_with("/noapp")).expect("noapp URL").1;
+    let resp = client.get(broken).send().await.expect("answer");
+    assert_eq!(resp.status(), 503, "an unavailable Space says so");
+    let ls = hangar_ls(state.path());
+    assert!(ls.contains("NO_APP_FILE") && ls.contains("app.py"), "{ls}");
+    up.signal("-TERM");
+    assert!(up.wait_exit(Duration::from_secs(60)).success());
+}
+
+/// Without a Docker engine `hangar up` fails at once and says why.
+#[test]
+fn without_docker_it_says_why() {
+    let state = tempfile::tempdir().expect("state dir");
+    let out = Command::new(env!("CARGO_BIN_EXE_hangar"))
+        .arg("up")
+        .arg(examples())
+        .args(["--listen", "127.0.0.1:0", "--docker-host", "unix:///nonexistent/docker.sock", "--state-dir"])
+        .arg(state.path())
+        .output()
+        .expect("run");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("Docker") && err.contains("scripts/up"), "{err}");
+}
