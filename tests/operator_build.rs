@@ -93,19 +93,30 @@ async fn a_space_builds_runs_on_the_real_node_and_rolls_out_a_new_commit() {
     let (ns, _operator) = setup("op-build").await;
     let marker = support::unique_name("v1");
     let repo = fixture_repo("docker", &marker);
-    let first = git(repo.path(), &["rev-parse", "HEAD"]);
+    let readme = std::fs::read_to_string(repo.path().join("README.md")).expect("README");
+    let readme = readme.replacen(
+        "app_port: 7860\n",
+        "app_port: 7860\ncustom_headers:\n  cross-origin-opener-policy: same-origin\n",
+        1,
+    );
+    let first = commit_file(repo.path(), "README.md", &readme);
     let spaces: Api<Space> = ns.api();
     let space = source_space("app", repo.path(), &[("BASE_IMAGE", &ns.env.python_image), ("GREETING", "hi")]);
     spaces.create(&PostParams::default(), &space).await.expect("create space");
 
     let running = wait_stage(&spaces, "app", Stage::Running, Duration::from_secs(300)).await;
-    let status = running.status.expect("status");
+    let status = running.status.clone().expect("status");
     let image = status.image.expect("status.image");
     assert!(image.starts_with(&format!("{}/{}/app:", ns.env.registry, ns.name)), "{image}");
     assert!(image.contains("@sha256:"), "the image is pinned by digest: {image}");
     let build = status.build.expect("status.build");
     assert_eq!(build.revision.as_deref(), Some(first.as_str()));
     assert!(build.started_at.is_some() && build.finished_at.is_some() && build.message.is_none());
+    // The proxy learns the front matter's custom headers from the Space.
+    assert_eq!(
+        running.metadata.annotations.as_ref().and_then(|a| a.get("hangar.dev/custom-headers")).map(String::as_str),
+        Some(r#"{"cross-origin-opener-policy":"same-origin"}"#)
+    );
     let body = answer(&ns, "app", &image).await;
     assert!(body.contains(&marker) && body.contains("hi"), "{body}");
 

@@ -20,6 +20,7 @@ use super::placement::HardwareMapping;
 use super::render::{self, RenderInput};
 use super::sleep;
 use super::status::{self, BuildView, Facts};
+use crate::proxy::kubernetes::CUSTOM_HEADERS_ANNOTATION;
 use crate::space::app_config::runtime_spec;
 use crate::space::naming::{self, SPACE_LABEL};
 use crate::space::{AppConfig, BuildStatus, ConfigError, Space, SpaceStatus, Stage, resolve};
@@ -236,10 +237,29 @@ async fn reconcile_inner(space: &Space, ctx: &Context) -> Result<Action> {
         build_record: record,
         now,
     });
+    if let Some(Ok(config)) = &config {
+        publish_custom_headers(space, ctx, config).await?;
+    }
     write_status(space, ctx, &desired).await?;
     ctx.metrics.set_stage(&key(space), desired.stage);
 
     Ok(Action::requeue(decision.recheck_in.map_or(RESYNC, |d| d.min(RESYNC))))
+}
+
+/// The proxy adds the front matter's `custom_headers` to responses; it learns
+/// them from this annotation (it never reads repositories). Written only when
+/// it changes, with the operator's field manager owning just this key.
+async fn publish_custom_headers(space: &Space, ctx: &Context, config: &AppConfig) -> Result<()> {
+    let current = space.annotations().get(CUSTOM_HEADERS_ANNOTATION);
+    let desired = (!config.custom_headers.is_empty()).then(|| json!(config.custom_headers).to_string());
+    if current == desired.as_ref() {
+        return Ok(());
+    }
+    let api: Api<Space> = Api::namespaced(ctx.client.clone(), &space.namespace().unwrap_or_default());
+    let annotations = desired.map_or_else(|| json!({}), |h| json!({CUSTOM_HEADERS_ANNOTATION: h}));
+    let patch = json!({"apiVersion": "hangar.dev/v1alpha1", "kind": "Space", "metadata": {"annotations": annotations}});
+    api.patch(&space.name_any(), &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&patch)).await?;
+    Ok(())
 }
 
 /// Writes the status only when it changed, and records stage changes as Events.
