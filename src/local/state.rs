@@ -69,26 +69,25 @@ impl Book {
 
     /// Changes one Space (added if new) and writes the file.
     pub fn update(&self, id: &str, url: &str, f: impl FnOnce(&mut SpaceState)) {
-        let snapshot = {
-            let mut state = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
-            let i = match state.spaces.iter().position(|s| s.id == id) {
-                Some(i) => i,
-                None => {
-                    state.spaces.push(SpaceState {
-                        id: id.to_owned(),
-                        stage: Stage::Building,
-                        url: url.to_owned(),
-                        message: None,
-                        image: None,
-                        container: None,
-                    });
-                    state.spaces.len() - 1
-                }
-            };
-            f(&mut state.spaces[i]);
-            state.clone()
+        // Written under the lock: writers share one temporary file, and the
+        // file must end with the newest state.
+        let mut state = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
+        let i = match state.spaces.iter().position(|s| s.id == id) {
+            Some(i) => i,
+            None => {
+                state.spaces.push(SpaceState {
+                    id: id.to_owned(),
+                    stage: Stage::Building,
+                    url: url.to_owned(),
+                    message: None,
+                    image: None,
+                    container: None,
+                });
+                state.spaces.len() - 1
+            }
         };
-        if let Err(e) = write_atomic(&self.path, &snapshot) {
+        f(&mut state.spaces[i]);
+        if let Err(e) = write_atomic(&self.path, &state) {
             tracing::warn!(path = %self.path.display(), error = %e, "cannot write the state file");
         }
     }
