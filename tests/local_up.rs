@@ -317,6 +317,19 @@ async fn sleeps_wakes_and_a_restart_adopts_the_running_container() {
     let resp = client.get(&url).send().await.expect("answers");
     assert_eq!(resp.status(), 200);
 
+    // The build log, over the logs API (SSE lines as on the hub).
+    let logs = up.wait_line("logs API", Duration::from_secs(5), |l| l.starts_with("logs: http://"));
+    let logs_base = logs.trim_start_matches("logs: ").split("/api/").next().expect("logs base").to_owned();
+    let build_log = client
+        .get(format!("{logs_base}/api/spaces/{id}/logs/build"))
+        .send()
+        .await
+        .expect("logs API")
+        .text()
+        .await
+        .expect("log body");
+    assert!(build_log.contains("data: {") && build_log.contains("[hangar] built"), "{build_log}");
+
     // Idle for 3 s: asleep, container stopped.
     up.wait_line("SLEEPING", Duration::from_secs(30), |l| l.starts_with(&format!("{id}: SLEEPING")));
     assert!(!containers.running(&name), "a sleeping Space's container is stopped");
@@ -352,6 +365,18 @@ async fn sleeps_wakes_and_a_restart_adopts_the_running_container() {
     up.signal("-INT");
     assert!(up.wait_exit(Duration::from_secs(60)).success(), "{}", up.output());
     assert!(!containers.running(&name));
+
+    // A changed file: rebuilt, and the container replaced (still one).
+    let app = dir.path().join("nap/app.py");
+    let text = std::fs::read_to_string(&app).expect("app.py");
+    std::fs::write(&app, format!("{text}\n# changed\n")).expect("write");
+    let mut up = Up::start(&env, dir.path(), &owner, state.path());
+    up.wait_line("RUNNING", Duration::from_secs(300), |l| l.starts_with(&format!("{id}: RUNNING")));
+    assert_eq!(up.count(|l| l.starts_with(&format!("{id}: built in"))), 1, "{}", up.output());
+    assert_eq!(containers.list().len(), 1, "replaced, not duplicated");
+    assert_ne!(containers.id(&name), first_id, "a new container for the new image");
+    up.signal("-INT");
+    assert!(up.wait_exit(Duration::from_secs(60)).success(), "{}", up.output());
 }
 
 /// A Space that cannot build shows its stage in `hangar ls` and in the proxy's

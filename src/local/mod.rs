@@ -83,6 +83,10 @@ pub struct UpArgs {
     /// Builds running at once.
     #[arg(long, default_value_t = 2)]
     pub max_builds: usize,
+    /// Address of the logs API (`/api/spaces/{owner}/{name}/logs/{build|run}`, SSE as on the hub);
+    /// port 0: any free port (printed).
+    #[arg(long, env = "HANGAR_UP_LOGS_LISTEN", default_value = "127.0.0.1:0")]
+    pub logs_listen: SocketAddr,
 }
 
 #[derive(Debug, Clone, clap::Args)]
@@ -151,7 +155,8 @@ pub async fn run(args: UpArgs) -> crate::Result<()> {
     config.docker_host = args.docker_host.clone();
     config.extra_ca_file = args.extra_ca_file.clone();
     config.max_concurrent = args.max_builds;
-    let builder = Builder::with_logs(config, LogStore::default())
+    let logs = LogStore::default();
+    let builder = Builder::with_logs(config, logs.clone())
         .await
         .map_err(|e| crate::Error::Invalid(format!("{e} (is Docker installed and running? scripts/up sets it up)")))?;
     let runtime: Arc<dyn Runtime> = Arc::new(DockerRuntime::new(builder.engine().docker().clone()));
@@ -189,6 +194,16 @@ pub async fn run(args: UpArgs) -> crate::Result<()> {
         started,
     });
 
+    let logs_listener = tokio::net::TcpListener::bind(args.logs_listen)
+        .await
+        .map_err(|e| crate::Error::Invalid(format!("cannot serve the logs API on {}: {e}", args.logs_listen)))?;
+    let logs_addr = logs_listener.local_addr()?;
+    let logs_task = tokio::spawn(async move {
+        if let Err(e) = axum::serve(logs_listener, crate::builder::logs::router(logs)).await {
+            tracing::warn!(error = %e, "the logs API stopped");
+        }
+    });
+
     // One wake channel per Space; the proxy signals once per wake, so one slot is enough.
     let mut senders = HashMap::new();
     let mut receivers = Vec::new();
@@ -201,6 +216,7 @@ pub async fn run(args: UpArgs) -> crate::Result<()> {
         ctx.book.update(&space.key.to_string(), &ctx.url(&space.key), |_| {});
         println!("  {}  {}", space.key, ctx.url(&space.key));
     }
+    println!("logs: http://{logs_addr}/api/spaces/<owner>/<name>/logs/build (or /run)");
     let senders = Arc::new(senders);
     let handler: WakeHandler = Arc::new(move |key: SpaceKey| {
         let tx = senders.get(&key).cloned();
@@ -229,6 +245,7 @@ pub async fn run(args: UpArgs) -> crate::Result<()> {
     });
     eprintln!("hangar up: stopping (Ctrl-C again to leave at once)");
     proxy.shutdown().await?;
+    logs_task.abort();
     cancel.cancel();
     while tasks.join_next().await.is_some() {}
     ctx.book.remove_file();
