@@ -150,6 +150,11 @@ pub async fn supervise(ctx: Arc<Ctx>, space: LocalSpace, mut wakes: mpsc::Receiv
         return;
     }
 
+    if config.flavor.gpu_count() > 0 {
+        // The flavor stays visible to the app (ACCELERATOR...), but no GPU is attached here.
+        say(&key, &format!("note: hardware {} has a GPU; local mode runs the Space without one", config.flavor));
+    }
+
     // 2. The container: adopted when one made from the same spec exists.
     let mut env = space_env(&key, &config, &ctx.domain, &space.spec.env);
     env.extend(secrets.clone());
