@@ -1,25 +1,12 @@
 //! Checkout of Space repositories with the git CLI: real repositories made in
 //! temp dirs, fetched by branch, tag and sha over file:// and plain paths.
 
-use std::path::Path;
+mod support;
+
 use std::process::Command;
 
 use hangar::builder::source::{checkout, read_repo};
-
-fn git(dir: &Path, args: &[&str]) -> String {
-    let out = Command::new("git")
-        .arg("-C")
-        .arg(dir)
-        .args(args)
-        .env("GIT_AUTHOR_NAME", "t")
-        .env("GIT_AUTHOR_EMAIL", "t@example.com")
-        .env("GIT_COMMITTER_NAME", "t")
-        .env("GIT_COMMITTER_EMAIL", "t@example.com")
-        .output()
-        .expect("git runs");
-    assert!(out.status.success(), "git {args:?}: {}", String::from_utf8_lossy(&out.stderr));
-    String::from_utf8_lossy(&out.stdout).trim().to_owned()
-}
+use support::repo::git;
 
 /// A repo with three commits on main (tagged v1 at the first), one on `dev`.
 fn repo() -> (tempfile::TempDir, Vec<String>, String) {
