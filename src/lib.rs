@@ -9,6 +9,7 @@ pub mod local;
 pub mod operator;
 pub mod proxy;
 pub mod runtime;
+pub mod shutdown;
 pub mod space;
 pub mod telemetry;
 pub mod webhook;

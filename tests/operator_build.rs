@@ -14,7 +14,7 @@ use kube::api::{ListParams, Patch, PatchParams, PostParams};
 use kube::{Api, ResourceExt};
 use serde_json::json;
 use support::operator::Operator;
-use support::repo::{commit_file, fixture_repo, git};
+use support::repo::{commit_file, fixture_repo};
 use support::{TestNamespace, http_client, http_get, run_ok, wait_for};
 
 /// CPU Spaces on the real node, which pulls from the test registry.

@@ -236,10 +236,10 @@ pub async fn run(args: UpArgs) -> crate::Result<()> {
         tasks.spawn(supervise::supervise(Arc::clone(&ctx), space, rx, cancel.clone()));
     }
 
-    shutdown_signal().await;
+    crate::shutdown::signal().await;
     // A second Ctrl-C while stopping: leave at once.
     tokio::spawn(async {
-        shutdown_signal().await;
+        crate::shutdown::signal().await;
         eprintln!("hangar up: interrupted again, exiting without waiting");
         std::process::exit(130);
     });
@@ -270,28 +270,5 @@ async fn remove_orphans(runtime: &dyn Runtime, up_dir: &str, keep: &BTreeSet<Spa
                 tracing::warn!(space = %i.key, error = %e, "cannot remove the container");
             }
         }
-    }
-}
-
-async fn shutdown_signal() {
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot listen for SIGTERM");
-                std::future::pending::<()>().await;
-            }
-        }
-    };
-    tokio::select! {
-        r = tokio::signal::ctrl_c() => {
-            if let Err(e) = r {
-                tracing::warn!(error = %e, "cannot listen for SIGINT");
-                std::future::pending::<()>().await;
-            }
-        }
-        () = term => {}
     }
 }

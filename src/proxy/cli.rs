@@ -75,33 +75,9 @@ pub async fn run(args: ProxyArgs) -> crate::Result<()> {
         trust_forwarded_headers: args.trust_forwarded_headers,
         ..ProxyConfig::default()
     };
-    let result = super::server::run(config, source, shutdown_signal()).await;
+    let result = super::server::run(config, source, crate::shutdown::signal()).await;
     cancel.cancel();
     result
-}
-
-async fn shutdown_signal() {
-    let ctrl_c = async {
-        if let Err(e) = tokio::signal::ctrl_c().await {
-            tracing::warn!(error = %e, "cannot listen for SIGINT");
-            std::future::pending::<()>().await;
-        }
-    };
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot listen for SIGTERM");
-                std::future::pending::<()>().await;
-            }
-        }
-    };
-    tokio::select! {
-        () = ctrl_c => {}
-        () = term => {}
-    }
 }
 
 #[cfg(test)]

@@ -197,6 +197,7 @@ pub async fn serve(args: WebhookArgs) -> crate::Result<()> {
     let app = router(&secret, KubeSpaces::new(client));
     let listener = tokio::net::TcpListener::bind(args.listen).await?;
     tracing::info!(addr = %listener.local_addr()?, "hub webhook receiver listening");
-    axum::serve(listener, app).await?;
+    // SIGTERM (a pod stopping) drains in-flight deliveries instead of waiting out the grace period.
+    axum::serve(listener, app).with_graceful_shutdown(crate::shutdown::signal()).await?;
     Ok(())
 }
