@@ -330,14 +330,20 @@ pub fn pinned_k8s_version() -> String {
 }
 
 /// Builds (classic builder) a tiny Python web app `FROM` the local Python base
-/// image: `python3 -m http.server 7860` serving an index.html containing `marker`.
+/// image: a threading `http.server` on 7860 serving an index.html containing
+/// `marker`. Its listen backlog is 128, not `python3 -m http.server`'s 5: a
+/// burst of connections to a just-woken app (what the proxy tests send)
+/// would otherwise overflow it and stall in SYN retries on a loaded machine,
+/// which no real app server (uvicorn, gradio: 2048) does.
 pub fn build_python_app(env: &TestEnv, tag: &str, marker: &str) {
     let dir = tempfile::tempdir().expect("tempdir for the build context");
     std::fs::write(
         dir.path().join("Dockerfile"),
         format!(
             "FROM {}\nWORKDIR /app\nCOPY index.html /app/index.html\nEXPOSE 7860\n\
-             CMD [\"python3\", \"-m\", \"http.server\", \"7860\", \"--bind\", \"0.0.0.0\"]\n",
+             CMD [\"python3\", \"-c\", \"import http.server as h, functools as f; \
+             h.ThreadingHTTPServer.request_queue_size = 128; \
+             h.ThreadingHTTPServer(('0.0.0.0', 7860), f.partial(h.SimpleHTTPRequestHandler, directory='/app')).serve_forever()\"]\n",
             env.python_image
         ),
     )
