@@ -14,7 +14,7 @@ use hangar::builder::{
 };
 use hangar::space::{GitSource, SpaceSpec, Stage};
 use support::repo::{commit_file, fixture_repo, git};
-use support::{Container, TestEnv, http_client, http_get, run_ok, unique_name, wait_for};
+use support::{Container, TestEnv, body_when_ok, http_client, http_get, run_ok, unique_name, wait_for};
 
 fn config(env: &TestEnv) -> BuilderConfig {
     let mut c = BuilderConfig::new(&env.registry, &env.python_image, &env.static_image);
@@ -44,15 +44,8 @@ fn ok(result: Result<BuildOutput, BuildFailure>) -> BuildOutput {
 async fn serve(env: &TestEnv, image: &str, port: u16) -> (Container, String) {
     let c = Container::run(env, &["-p", &format!("127.0.0.1::{port}"), image]);
     let addr = c.published(&format!("{port}/tcp"));
-    let http = http_client();
-    let body = wait_for("the Space's container to answer HTTP", Duration::from_secs(60), || async {
-        match http_get(&http, &format!("http://{addr}/")).await {
-            Ok((200, body)) => Ok(Some(body)),
-            Ok((status, _)) => Err(format!("HTTP {status}").into()),
-            Err(e) => Err(e),
-        }
-    })
-    .await;
+    let body =
+        body_when_ok("the Space's container to answer HTTP", &format!("http://{addr}/"), Duration::from_secs(60)).await;
     (c, body)
 }
 

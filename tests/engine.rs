@@ -5,7 +5,7 @@ mod support;
 
 use std::time::Duration;
 
-use support::{Container, LogsOnPanic, TestEnv, http_client, http_get, run, run_ok, unique_name, wait_for};
+use support::{Container, LogsOnPanic, TestEnv, body_when_ok, http_client, http_get, run, run_ok, unique_name};
 
 #[tokio::test]
 async fn python_image_runs_in_docker_and_round_trips_the_registry() {
@@ -19,15 +19,7 @@ async fn python_image_runs_in_docker_and_round_trips_the_registry() {
     // Runs as a plain container answering on loopback.
     let c = Container::run(&env, &["-p", "127.0.0.1::7860", &local]);
     let addr = c.published("7860/tcp");
-    let http = http_client();
-    let body = wait_for("the container to answer HTTP", Duration::from_secs(30), || async {
-        match http_get(&http, &format!("http://{addr}/")).await {
-            Ok((200, body)) => Ok(Some(body)),
-            Ok((status, _)) => Err(format!("HTTP {status}").into()),
-            Err(e) => Err(e),
-        }
-    })
-    .await;
+    let body = body_when_ok("the container to answer HTTP", &format!("http://{addr}/"), Duration::from_secs(30)).await;
     assert!(body.contains(&marker), "{body}");
 
     // Push to the local registry, drop the local copy, pull it back.
@@ -35,6 +27,7 @@ async fn python_image_runs_in_docker_and_round_trips_the_registry() {
     let id = run_ok(env.docker().args(["image", "inspect", "-f", "{{.Id}}", &local]));
     run_ok(env.docker().args(["tag", &local, &remote]));
     run_ok(env.docker().args(["push", "-q", &remote]));
+    let http = http_client();
     let (status, tags) = http_get(&http, &format!("http://{}/v2/hangar-test/pyhttp/tags/list", env.registry))
         .await
         .expect("registry tags list");
@@ -65,15 +58,7 @@ async fn static_image_serves_a_site() {
     run_ok(env.docker().args(["build", "-q", "-t", &tag]).arg(dir.path()));
     let c = Container::run(&env, &["-p", "127.0.0.1::8080", &tag]);
     let addr = c.published("8080/tcp");
-    let http = http_client();
-    let body = wait_for("the static site to answer", Duration::from_secs(20), || async {
-        match http_get(&http, &format!("http://{addr}/")).await {
-            Ok((200, body)) => Ok(Some(body)),
-            Ok((status, _)) => Err(format!("HTTP {status}").into()),
-            Err(e) => Err(e),
-        }
-    })
-    .await;
+    let body = body_when_ok("the static site to answer", &format!("http://{addr}/"), Duration::from_secs(20)).await;
     assert!(body.contains(&marker), "{body}");
     drop(c);
     let _ = run(env.docker().args(["rmi", &tag]));

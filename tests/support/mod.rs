@@ -230,6 +230,20 @@ pub async fn http_get(client: &reqwest::Client, url: &str) -> Result<(u16, Strin
     Ok((status, resp.text().await?))
 }
 
+/// Polls `url` until it answers 200 and returns the body; panics after `timeout`
+/// naming `what` and the last status or error.
+pub async fn body_when_ok(what: &str, url: &str, timeout: Duration) -> String {
+    let http = http_client();
+    wait_for(what, timeout, || async {
+        match http_get(&http, url).await {
+            Ok((200, body)) => Ok(Some(body)),
+            Ok((status, _)) => Err(format!("HTTP {status}").into()),
+            Err(e) => Err(e),
+        }
+    })
+    .await
+}
+
 /// A kube client from `KUBECONFIG` (panics with the reason if the cluster is unreachable).
 pub async fn client() -> Client {
     let env = TestEnv::cluster();
