@@ -76,6 +76,12 @@ async fn all_reconciled(client: &Client, namespace: &str, n: usize) -> Result<us
 
 #[tokio::main]
 async fn main() -> Result<()> {
+    // `cargo test --all-targets` runs bench targets too; only `cargo bench` (which
+    // passes `--bench`) should spend minutes creating a thousand Spaces.
+    if !std::env::args().any(|a| a == "--bench") {
+        println!("operator scale benchmark: run with `cargo bench --bench operator_scale` against the test bed");
+        return Ok(());
+    }
     let n: usize = std::env::var("HANGAR_BENCH_SPACES").ok().and_then(|v| v.parse().ok()).unwrap_or(1000);
     let bin = env!("CARGO_BIN_EXE_hangar");
     let client =
