@@ -140,7 +140,7 @@ async fn kubernetes_source_routes_wakes_through_the_lease_and_checks_tokens() {
     }
     let token: Secret = serde_json::from_value(json!({
         "apiVersion": "v1", "kind": "Secret",
-        "metadata": {"name": hangar::proxy::kubernetes::token_secret_name("secret"),
+        "metadata": {"name": hangar::space::naming::token_secret_name("secret"),
                      "labels": {naming::SPACE_LABEL: "secret"}},
         "stringData": {"token": "hf_cluster_token"},
     }))

@@ -20,9 +20,8 @@ use super::placement::HardwareMapping;
 use super::render::{self, RenderInput};
 use super::sleep;
 use super::status::{self, BuildView, Facts};
-use crate::proxy::kubernetes::CUSTOM_HEADERS_ANNOTATION;
 use crate::space::app_config::runtime_spec;
-use crate::space::naming::{self, SPACE_LABEL};
+use crate::space::naming::{self, CUSTOM_HEADERS_ANNOTATION, SPACE_LABEL};
 use crate::space::{AppConfig, BuildStatus, ConfigError, Space, SpaceStatus, Stage, resolve};
 use crate::{Error, Result};
 

@@ -25,22 +25,13 @@ use super::auth::token_digest;
 use super::route::{Access, RouteTable, SpaceKey, SpaceRoute};
 use super::source::{RouteSource, SourceError};
 use crate::space::app_config::{self, DEFAULT_STARTUP_TIMEOUT};
+use crate::space::naming::{CUSTOM_HEADERS_ANNOTATION, TOKEN_KEY, token_secret_name};
 use crate::space::{Sdk, Space, SpaceSpec, Visibility, naming};
 
 /// Field manager of the proxy's Lease writes.
 pub const FIELD_MANAGER: &str = "hangar-proxy";
 /// The EndpointSlice label naming its Service.
 const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
-/// Key of the bearer token in a private Space's token Secret.
-pub const TOKEN_KEY: &str = "token";
-/// Annotation on a Space with its front matter's `custom_headers` as a JSON
-/// object: the proxy never reads repositories, so whoever does copies them here.
-pub const CUSTOM_HEADERS_ANNOTATION: &str = "hangar.dev/custom-headers";
-
-/// Name of a private Space's token Secret (labelled `hangar.dev/space=<name>`, key `token`).
-pub fn token_secret_name(space: &str) -> String {
-    format!("space-{space}-token")
-}
 
 /// What to watch.
 #[derive(Clone, Debug)]

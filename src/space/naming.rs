@@ -14,6 +14,11 @@ pub const MANAGED_BY: &str = "hangar";
 /// Annotation the hub webhook sets on a Space: the newest commit of its
 /// tracked branch. The operator builds it when it differs from `status.build.revision`.
 pub const HEAD_SHA_ANNOTATION: &str = "hangar.dev/head-sha";
+/// Annotation on a Space with its front matter's `custom_headers` as a JSON
+/// object, written by the operator: the proxy never reads repositories.
+pub const CUSTOM_HEADERS_ANNOTATION: &str = "hangar.dev/custom-headers";
+/// Key of the bearer token in a private Space's token Secret.
+pub const TOKEN_KEY: &str = "token";
 /// Holder identity the proxy writes into activity Leases.
 pub const LEASE_HOLDER: &str = "hangar-proxy";
 /// The proxy renews a Space's Lease at most this often while traffic flows.
@@ -27,6 +32,11 @@ pub fn workload_name(space: &str) -> String {
 /// Name of the `coordination.k8s.io/v1` Lease recording a Space's last activity.
 pub fn activity_lease_name(space: &str) -> String {
     format!("space-{space}-activity")
+}
+
+/// Name of a private Space's token Secret (labelled `hangar.dev/space=<name>`, key [`TOKEN_KEY`]).
+pub fn token_secret_name(space: &str) -> String {
+    format!("space-{space}-token")
 }
 
 /// `owner/name` as Spaces see it in `SPACE_ID`.
