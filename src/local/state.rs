@@ -116,7 +116,7 @@ pub fn render_table(state: &UpState, alive: bool) -> String {
     out.push_str(&format!("{:<width$}  {:<22}  URL\n", "SPACE", "STAGE"));
     for s in &state.spaces {
         // A dead writer means nothing serves: say so rather than repeat its last word.
-        let stage = if alive { stage_name(s.stage) } else { stage_name(Stage::Stopped) };
+        let stage = if alive { s.stage.as_str() } else { Stage::Stopped.as_str() };
         out.push_str(&format!("{:<width$}  {:<22}  {}\n", s.id, stage, s.url));
         if let Some(m) = s.message.as_deref().filter(|_| alive && s.stage.is_error()) {
             let first = m.lines().next().unwrap_or_default();
@@ -124,11 +124,6 @@ pub fn render_table(state: &UpState, alive: bool) -> String {
         }
     }
     out
-}
-
-/// `RUNNING`, `BUILD_ERROR`...: the hub's names.
-pub fn stage_name(stage: Stage) -> String {
-    serde_json::to_value(stage).ok().and_then(|v| v.as_str().map(str::to_owned)).unwrap_or_default()
 }
 
 #[cfg(test)]

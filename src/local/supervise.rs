@@ -15,7 +15,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::discover::{LocalSpace, Origin};
 use super::snapshot;
-use super::state::{Book, stage_name};
+use super::state::Book;
 use crate::builder::{BuildRequest, Builder, LogKind};
 use crate::proxy::{Access, MemorySource, SpaceKey, SpaceRoute};
 use crate::runtime::docker::cpu_limit;
@@ -99,8 +99,8 @@ impl Supervisor {
 
     /// Stays in an error stage until `hangar up` stops.
     async fn fail(&self, stage: Stage, message: String, cancel: &CancellationToken) {
-        say(&self.key, &format!("{} {}", stage_name(stage), message.lines().next().unwrap_or_default()));
-        tracing::warn!(space = %self.key, stage = %stage_name(stage), %message, "Space failed");
+        say(&self.key, &format!("{} {}", stage.as_str(), message.lines().next().unwrap_or_default()));
+        tracing::warn!(space = %self.key, stage = %stage.as_str(), %message, "Space failed");
         self.set_stage(stage, Some(message));
         cancel.cancelled().await;
     }

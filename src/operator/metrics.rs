@@ -34,8 +34,7 @@ pub struct Metrics {
 }
 
 fn stage_label(stage: Stage) -> StageLabel {
-    let stage = serde_json::to_value(stage).ok().and_then(|v| v.as_str().map(str::to_owned)).unwrap_or_default();
-    StageLabel { stage }
+    StageLabel { stage: stage.as_str().to_owned() }
 }
 
 impl Metrics {

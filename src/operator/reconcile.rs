@@ -290,8 +290,9 @@ async fn write_status(space: &Space, ctx: &Context, desired: &SpaceStatus) -> Re
 
 /// `APP_STARTING` -> `AppStarting`: Events want CamelCase reasons.
 fn stage_reason(stage: Stage) -> String {
-    let name = serde_json::to_value(stage).ok().and_then(|v| v.as_str().map(str::to_owned)).unwrap_or_default();
-    name.split('_')
+    stage
+        .as_str()
+        .split('_')
         .map(|w| {
             let mut chars = w.chars();
             chars.next().map_or(String::new(), |c| c.to_string() + &chars.as_str().to_lowercase())

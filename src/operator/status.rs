@@ -117,10 +117,6 @@ fn condition(type_: &str, ok: bool, reason: &str, message: String, facts: &Facts
     }
 }
 
-fn stage_name(stage: Stage) -> String {
-    serde_json::to_value(stage).ok().and_then(|v| v.as_str().map(str::to_owned)).unwrap_or_default()
-}
-
 /// Derives the status. Deterministic: the same facts give the same status.
 pub fn derive(facts: &Facts) -> SpaceStatus {
     let pods: Vec<&Pod> = facts.pods.iter().filter(|p| p.metadata.deletion_timestamp.is_none()).collect();
@@ -160,7 +156,7 @@ pub fn derive(facts: &Facts) -> SpaceStatus {
         (Stage::AppStarting, "starting".to_owned())
     };
 
-    let mut conditions = vec![condition(READY, stage.is_serving(), &stage_name(stage), message.clone(), facts)];
+    let mut conditions = vec![condition(READY, stage.is_serving(), stage.as_str(), message.clone(), facts)];
     if let Some(reason) = pending {
         conditions.push(condition(SCHEDULED, false, "Unschedulable", reason, facts));
     } else if !current.is_empty() {

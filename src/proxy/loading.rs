@@ -14,24 +14,9 @@ pub fn wants_html(method: &http::Method, headers: &HeaderMap) -> bool {
         && headers.get(ACCEPT).and_then(|v| v.to_str().ok()).is_some_and(|accept| accept.contains("text/html"))
 }
 
-/// Upper snake case as the hub shows it.
+/// Upper snake case as the hub shows it (`PENDING` before the first stage).
 pub fn stage_name(stage: Option<Stage>) -> &'static str {
-    match stage {
-        None => "PENDING",
-        Some(Stage::NoAppFile) => "NO_APP_FILE",
-        Some(Stage::ConfigError) => "CONFIG_ERROR",
-        Some(Stage::Building) => "BUILDING",
-        Some(Stage::BuildError) => "BUILD_ERROR",
-        Some(Stage::AppStarting) => "APP_STARTING",
-        Some(Stage::Running) => "RUNNING",
-        Some(Stage::RunningBuilding) => "RUNNING_BUILDING",
-        Some(Stage::RunningAppStarting) => "RUNNING_APP_STARTING",
-        Some(Stage::RuntimeError) => "RUNTIME_ERROR",
-        Some(Stage::Sleeping) => "SLEEPING",
-        Some(Stage::Paused) => "PAUSED",
-        Some(Stage::Stopped) => "STOPPED",
-        Some(Stage::Deleting) => "DELETING",
-    }
+    stage.map_or("PENDING", Stage::as_str)
 }
 
 fn escape(s: &str) -> String {

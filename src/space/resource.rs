@@ -189,6 +189,25 @@ pub enum Stage {
 }
 
 impl Stage {
+    /// The hub's name of the stage (`RUNNING`, `BUILD_ERROR`...), as serialized.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Stage::NoAppFile => "NO_APP_FILE",
+            Stage::ConfigError => "CONFIG_ERROR",
+            Stage::Building => "BUILDING",
+            Stage::BuildError => "BUILD_ERROR",
+            Stage::AppStarting => "APP_STARTING",
+            Stage::Running => "RUNNING",
+            Stage::RunningBuilding => "RUNNING_BUILDING",
+            Stage::RunningAppStarting => "RUNNING_APP_STARTING",
+            Stage::RuntimeError => "RUNTIME_ERROR",
+            Stage::Sleeping => "SLEEPING",
+            Stage::Paused => "PAUSED",
+            Stage::Stopped => "STOPPED",
+            Stage::Deleting => "DELETING",
+        }
+    }
+
     /// Whether the Space serves traffic in this stage.
     pub fn is_serving(self) -> bool {
         matches!(self, Stage::Running | Stage::RunningBuilding | Stage::RunningAppStarting)
@@ -319,6 +338,24 @@ mod tests {
             json!({"image": "registry/app:1", "hardware": "cpu-basic", "visibility": "public"})
         );
         assert_eq!(serde_json::to_value(Stage::RunningBuilding).expect("serializes"), json!("RUNNING_BUILDING"));
+        use Stage::*;
+        for stage in [
+            NoAppFile,
+            ConfigError,
+            Building,
+            BuildError,
+            AppStarting,
+            Running,
+            RunningBuilding,
+            RunningAppStarting,
+            RuntimeError,
+            Sleeping,
+            Paused,
+            Stopped,
+            Deleting,
+        ] {
+            assert_eq!(serde_json::to_value(stage).expect("serializes"), json!(stage.as_str()));
+        }
         let src: GitSource = serde_json::from_value(json!({"git": "file:///r"})).expect("valid source");
         assert_eq!(src.revision, "main");
     }
