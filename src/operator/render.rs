@@ -11,9 +11,9 @@ use std::collections::BTreeMap;
 use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec, DeploymentStrategy, RollingUpdateDeployment};
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
 use k8s_openapi::api::core::v1::{
-    Capabilities, Container, ContainerPort, EnvVar, EnvVarSource, PodSecurityContext, PodSpec, PodTemplateSpec, Probe,
-    ResourceRequirements, SeccompProfile, SecretKeySelector, SecurityContext, Service, ServicePort, ServiceSpec,
-    TCPSocketAction,
+    Capabilities, Container, ContainerPort, EnvVar, EnvVarSource, Lifecycle, LifecycleHandler, PodSecurityContext,
+    PodSpec, PodTemplateSpec, Probe, ResourceRequirements, SeccompProfile, SecretKeySelector, SecurityContext, Service,
+    ServicePort, ServiceSpec, SleepAction, TCPSocketAction,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, MicroTime, ObjectMeta};
@@ -36,6 +36,10 @@ pub const APP_CONTAINER: &str = "app";
 const SPACE_UID: i64 = 1000;
 /// Probe period while starting: short, because it bounds the wake latency.
 const STARTUP_PERIOD_SECONDS: i32 = 1;
+/// A terminating pod keeps serving this long before it gets SIGTERM, so routers
+/// (the proxy watches EndpointSlices) stop sending to it first: a rollout or a
+/// scale-down then drops no request.
+const DRAIN_SECONDS: i64 = 3;
 
 /// Everything a Space renders from.
 #[derive(Debug, Clone)]
@@ -154,6 +158,14 @@ fn pod_spec(input: &RenderInput) -> PodSpec {
             resources: Some(resources(input)),
             startup_probe: Some(tcp_probe(port, STARTUP_PERIOD_SECONDS, startup_failures)),
             readiness_probe: Some(tcp_probe(port, 2, 2)),
+            // The kubelet's own sleep action: app images need no `sleep` binary.
+            lifecycle: Some(Lifecycle {
+                pre_stop: Some(LifecycleHandler {
+                    sleep: Some(SleepAction { seconds: DRAIN_SECONDS }),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
             security_context: Some(SecurityContext {
                 run_as_user: Some(SPACE_UID),
                 run_as_group: Some(SPACE_UID),
@@ -178,7 +190,7 @@ fn pod_spec(input: &RenderInput) -> PodSpec {
         // Untrusted app code gets no API credentials and no service env pollution.
         automount_service_account_token: Some(false),
         enable_service_links: Some(false),
-        termination_grace_period_seconds: Some(10),
+        termination_grace_period_seconds: Some(10 + DRAIN_SECONDS),
         ..Default::default()
     }
 }
@@ -378,6 +390,10 @@ mod tests {
         assert_eq!((startup.period_seconds, startup.failure_threshold), (Some(1), Some(1800)));
         assert!(c.readiness_probe.is_some() && c.liveness_probe.is_none());
         assert_eq!(pod.automount_service_account_token, Some(false));
+        // Terminating pods drain before SIGTERM, inside their grace period.
+        let drain = c.lifecycle.as_ref().and_then(|l| l.pre_stop.as_ref()).and_then(|h| h.sleep.as_ref());
+        assert_eq!(drain.map(|s| s.seconds), Some(DRAIN_SECONDS));
+        assert!(pod.termination_grace_period_seconds > Some(DRAIN_SECONDS));
     }
 
     #[test]
