@@ -183,6 +183,7 @@ pub fn derive(facts: &Facts) -> SpaceStatus {
         }),
         replicas: Some(ReplicaStatus { requested: facts.replicas_requested, current: ready_replicas }),
         build: facts.build_record.clone(),
+        sleep: None,
     }
 }
 

@@ -8,6 +8,7 @@ use super::duration;
 use super::front_matter::FrontMatter;
 use super::hardware::{self, Flavor};
 use super::resource::{Sdk, SpaceSpec};
+use super::sleep_tier::FreezeAfter;
 
 pub const DEFAULT_PYTHON_VERSION: &str = "3.10";
 pub const DEFAULT_STARTUP_TIMEOUT: Duration = Duration::from_secs(30 * 60);
@@ -25,6 +26,8 @@ pub struct AppConfig {
     pub flavor: &'static Flavor,
     /// `None`: never sleeps.
     pub sleep_after: Option<Duration>,
+    /// The spec's `freezeAfter`; [`SleepPolicy::times`](super::SleepPolicy::times) resolves it.
+    pub freeze_after: FreezeAfter,
     pub startup_timeout: Duration,
     pub title: Option<String>,
     pub custom_headers: BTreeMap<String, String>,
@@ -109,6 +112,7 @@ pub fn resolve(spec: &SpaceSpec, front_matter: Option<&FrontMatter>) -> Result<A
         base_path,
         flavor: runtime.flavor,
         sleep_after: runtime.sleep_after,
+        freeze_after: runtime.freeze_after,
         startup_timeout,
         title: fm.title,
         custom_headers: fm.custom_headers,
@@ -121,6 +125,7 @@ pub fn resolve(spec: &SpaceSpec, front_matter: Option<&FrontMatter>) -> Result<A
 pub struct RuntimeSpec {
     pub flavor: &'static Flavor,
     pub sleep_after: Option<Duration>,
+    pub freeze_after: FreezeAfter,
     /// `None`: the front matter's (or the default) applies.
     pub startup_timeout: Option<Duration>,
 }
@@ -132,11 +137,13 @@ pub fn runtime_spec(spec: &SpaceSpec) -> Result<RuntimeSpec, ConfigError> {
         Some(s) => duration::parse_sleep(s).map_err(|e| ConfigError::new("spec.sleepAfter", e))?,
         None => flavor.default_sleep_after,
     };
+    let freeze_after =
+        FreezeAfter::parse(spec.freeze_after.as_deref()).map_err(|e| ConfigError::new("spec.freezeAfter", e))?;
     let startup_timeout = match &spec.startup_timeout {
         Some(s) => Some(duration::parse(s).map_err(|e| ConfigError::new("spec.startupTimeout", e))?),
         None => None,
     };
-    Ok(RuntimeSpec { flavor, sleep_after, startup_timeout })
+    Ok(RuntimeSpec { flavor, sleep_after, freeze_after, startup_timeout })
 }
 
 impl AppConfig {
@@ -146,6 +153,7 @@ impl AppConfig {
         let runtime = runtime_spec(spec)?;
         self.flavor = runtime.flavor;
         self.sleep_after = runtime.sleep_after;
+        self.freeze_after = runtime.freeze_after;
         self.startup_timeout = runtime.startup_timeout.unwrap_or(self.startup_timeout);
         Ok(self)
     }
@@ -215,8 +223,14 @@ mod tests {
         let fm =
             FrontMatter { sdk: Some(Sdk::Gradio), startup_duration_timeout: Some("1h".into()), ..Default::default() };
         let built = resolve(&git_spec(), Some(&fm)).expect("valid");
-        let spec = SpaceSpec { hardware: "a10g-large".into(), sleep_after: Some("never".into()), ..git_spec() };
+        let spec = SpaceSpec {
+            hardware: "a10g-large".into(),
+            sleep_after: Some("never".into()),
+            freeze_after: Some("10m".into()),
+            ..git_spec()
+        };
         let now = built.clone().with_runtime_spec(&spec).expect("valid");
+        assert_eq!(now.freeze_after, FreezeAfter::After(Duration::from_secs(600)));
         assert_eq!(
             (now.flavor.name, now.sleep_after, now.startup_timeout),
             ("a10g-large", None, Duration::from_secs(3600))
@@ -239,6 +253,10 @@ mod tests {
         assert_eq!(
             err(SpaceSpec { startup_timeout: Some("1x".into()), ..git_spec() }, gradio.clone()),
             "spec.startupTimeout"
+        );
+        assert_eq!(
+            err(SpaceSpec { freeze_after: Some("later".into()), ..git_spec() }, gradio.clone()),
+            "spec.freezeAfter"
         );
         assert_eq!(err(SpaceSpec { app_port: Some(70000), ..git_spec() }, gradio.clone()), "spec.appPort");
         assert_eq!(err(SpaceSpec { app_file: Some("../etc/passwd".into()), ..git_spec() }, gradio.clone()), "app_file");

@@ -7,11 +7,13 @@ pub mod front_matter;
 pub mod hardware;
 pub mod naming;
 pub mod resource;
+pub mod sleep_tier;
 
 pub use app_config::{AppConfig, ConfigError, resolve};
 pub use front_matter::{FrontMatter, FrontMatterError};
 pub use hardware::Flavor;
 pub use resource::{
-    BuildStatus, GitSource, HardwareStatus, ReplicaStatus, Sdk, SecretKeyRef, Space, SpaceSecret, SpaceSpec,
-    SpaceStatus, Stage, Visibility, crd_yaml,
+    BuildStatus, GitSource, HardwareStatus, ReplicaStatus, Sdk, SecretKeyRef, SleepStatus, Space, SpaceSecret,
+    SpaceSpec, SpaceStatus, Stage, Visibility, crd_yaml,
 };
+pub use sleep_tier::{FreezeAfter, SleepPolicy, SleepTier, SleepTimes};

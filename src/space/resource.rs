@@ -11,6 +11,7 @@ use kube::{CustomResource, CustomResourceExt, KubeSchema};
 use serde::{Deserialize, Serialize};
 
 use super::hardware::DEFAULT_FLAVOR;
+use super::sleep_tier::SleepTier;
 
 /// The desired state of a Space, written by its owner (or the hub webhook).
 #[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
@@ -74,6 +75,13 @@ pub struct SpaceSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(regex(pattern = r"^(never|([0-9]+(ms|s|m|h|d))+)$"))]
     pub sleep_after: Option<String>,
+    /// Idle time before the Space is frozen (processes stopped in place, memory
+    /// kept, woken in milliseconds), shorter than `sleepAfter`; `never` skips
+    /// the tier; absent means the operator's default for the flavor (CPU
+    /// flavors freeze, GPU flavors do not: a frozen pod keeps its GPU).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^(never|([0-9]+(ms|s|m|h|d))+)$"))]
+    pub freeze_after: Option<String>,
     /// How long the app may take to become ready (default `30m`, or the front matter's).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(regex(pattern = r"^([0-9]+(ms|s|m|h|d))+$"))]
@@ -244,6 +252,23 @@ pub struct SpaceStatus {
     pub replicas: Option<ReplicaStatus>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub build: Option<BuildStatus>,
+    /// While `SLEEPING`: which tier, since when, what it keeps.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sleep: Option<SleepStatus>,
+}
+
+/// The sleep of a `SLEEPING` Space.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SleepStatus {
+    /// `Frozen` (pod kept, processes frozen) or `Stopped` (no pod).
+    pub tier: SleepTier,
+    /// When the operator decided this tier.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub since: Option<Time>,
+    /// Memory the frozen pod still holds, as its node agent measured it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_bytes: Option<i64>,
 }
 
 /// `requested` differs from `current` while a hardware change rolls out.
