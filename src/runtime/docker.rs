@@ -13,9 +13,9 @@ use std::sync::Arc;
 
 use bollard::Docker;
 use bollard::errors::Error as BollardError;
-use bollard::models::{ContainerCreateBody, ContainerInspectResponse, HostConfig, PortBinding};
+use bollard::models::{ContainerCreateBody, ContainerInspectResponse, ContainerMemoryStats, HostConfig, PortBinding};
 use bollard::query_parameters::{
-    CreateContainerOptionsBuilder, ListContainersOptionsBuilder, RemoveContainerOptionsBuilder,
+    CreateContainerOptionsBuilder, ListContainersOptionsBuilder, RemoveContainerOptionsBuilder, StatsOptionsBuilder,
     StopContainerOptionsBuilder, WaitContainerOptionsBuilder,
 };
 use futures::StreamExt;
@@ -85,6 +85,17 @@ impl DockerRuntime {
         Self::inspect(docker, key).await?.ok_or_else(|| RuntimeError(format!("the container of {key} vanished")))
     }
 
+    /// Thaws the container if it is frozen. The engine answers 409 both for
+    /// "not paused" and "not running": either way nothing is frozen.
+    async fn thaw(docker: &Docker, key: &SpaceKey) -> Result<(), RuntimeError> {
+        match docker.unpause_container(&Self::container_name(key)).await {
+            Ok(()) => Ok(()),
+            Err(BollardError::DockerResponseServerError { status_code: 409, .. }) => Ok(()),
+            Err(e) if is_not_found(&e) => Ok(()),
+            Err(e) => Err(err("unpausing the container of", key, e)),
+        }
+    }
+
     async fn remove_container(docker: &Docker, key: &SpaceKey) -> Result<(), RuntimeError> {
         let options = RemoveContainerOptionsBuilder::default().force(true).build();
         match docker.remove_container(&Self::container_name(key), Some(options)).await {
@@ -118,15 +129,60 @@ impl Runtime for DockerRuntime {
                 Ok(()) => {}
                 // 304: already running.
                 Err(BollardError::DockerResponseServerError { status_code: 304, .. }) => {}
+                // 409: "cannot start a paused container": it runs, frozen; thaw it.
+                Err(BollardError::DockerResponseServerError { status_code: 409, .. })
+                    if Self::inspect(&docker, &key).await?.is_some_and(|i| i.paused) =>
+                {
+                    Self::thaw(&docker, &key).await?;
+                }
                 Err(e) => return Err(err("starting the container of", &key, e)),
             }
             Self::inspect(&docker, &key).await?.ok_or_else(|| RuntimeError(format!("the container of {key} vanished")))
         })
     }
 
+    fn pause(&self, key: &SpaceKey) -> BoxFuture<'static, Result<(), RuntimeError>> {
+        let (docker, key) = (Arc::clone(&self.docker), key.clone());
+        Box::pin(async move {
+            match docker.pause_container(&Self::container_name(&key)).await {
+                Ok(()) => Ok(()),
+                // 409: already paused (fine) or not running (an error): the state tells.
+                Err(e @ BollardError::DockerResponseServerError { status_code: 409, .. }) => {
+                    match Self::inspect(&docker, &key).await? {
+                        Some(i) if i.paused => Ok(()),
+                        _ => Err(err("pausing the container of", &key, e)),
+                    }
+                }
+                Err(e) => Err(err("pausing the container of", &key, e)),
+            }
+        })
+    }
+
+    fn unpause(&self, key: &SpaceKey) -> BoxFuture<'static, Result<(), RuntimeError>> {
+        let (docker, key) = (Arc::clone(&self.docker), key.clone());
+        Box::pin(async move { Self::thaw(&docker, &key).await })
+    }
+
+    fn memory_bytes(&self, key: &SpaceKey) -> BoxFuture<'static, Result<Option<u64>, RuntimeError>> {
+        let (docker, key) = (Arc::clone(&self.docker), key.clone());
+        Box::pin(async move {
+            let options = StatsOptionsBuilder::default().stream(false).one_shot(true).build();
+            let mut stream = docker.stats(&Self::container_name(&key), Some(options));
+            match stream.next().await {
+                Some(Ok(stats)) => Ok(stats.memory_stats.as_ref().and_then(working_set)),
+                Some(Err(e)) if is_not_found(&e) => Ok(None),
+                Some(Err(e)) => Err(err("reading the memory of", &key, e)),
+                None => Ok(None),
+            }
+        })
+    }
+
     fn stop(&self, key: &SpaceKey) -> BoxFuture<'static, Result<(), RuntimeError>> {
         let (docker, key) = (Arc::clone(&self.docker), key.clone());
         Box::pin(async move {
+            // A frozen app cannot handle SIGTERM: the engine would wait out
+            // the whole grace period and kill it. Thawed, it exits cleanly.
+            Self::thaw(&docker, &key).await?;
             let options = StopContainerOptionsBuilder::default().t(STOP_GRACE_SECS).build();
             match docker.stop_container(&Self::container_name(&key), Some(options)).await {
                 Ok(()) => Ok(()),
@@ -203,6 +259,7 @@ fn err(what: &str, key: &SpaceKey, e: BollardError) -> RuntimeError {
 fn instance(key: &SpaceKey, c: &ContainerInspectResponse) -> Instance {
     let state = c.state.as_ref();
     let running = state.and_then(|s| s.running).unwrap_or(false);
+    let paused = running && state.and_then(|s| s.paused).unwrap_or(false);
     let labels: BTreeMap<String, String> =
         c.config.as_ref().and_then(|c| c.labels.clone()).unwrap_or_default().into_iter().collect();
     let endpoint = if running { published_endpoint(c) } else { None };
@@ -210,6 +267,7 @@ fn instance(key: &SpaceKey, c: &ContainerInspectResponse) -> Instance {
         key: key.clone(),
         id: c.id.clone().unwrap_or_default(),
         running,
+        paused,
         endpoint,
         fingerprint: labels.get(RUN_SPEC_LABEL).cloned(),
         exit_code: if running { None } else { state.and_then(|s| s.exit_code) },
@@ -225,6 +283,18 @@ fn published_endpoint(c: &ContainerInspectResponse) -> Option<SocketAddr> {
         let ip = b.host_ip.as_deref().filter(|ip| !ip.is_empty() && *ip != "0.0.0.0").unwrap_or("127.0.0.1");
         Some(SocketAddr::new(ip.parse().ok()?, port))
     })
+}
+
+/// The memory a container holds as `docker stats` shows it: usage without
+/// the inactive page cache the kernel may reclaim at once (`total_inactive_file`
+/// on cgroup v1, `inactive_file` on v2). `None` when the engine reports no usage
+/// (a stopped container).
+fn working_set(m: &ContainerMemoryStats) -> Option<u64> {
+    let usage = m.usage?;
+    let stats = m.stats.as_ref();
+    let inactive =
+        stats.and_then(|s| s.get("total_inactive_file").or_else(|| s.get("inactive_file"))).copied().unwrap_or(0);
+    Some(usage.saturating_sub(inactive))
 }
 
 /// CPU limit for a flavor on this machine: the engine refuses more CPUs than it has.
@@ -248,6 +318,22 @@ mod tests {
         );
         assert_eq!(parse_key("alice/demo"), Some(key));
         assert_eq!(parse_key("nope"), None);
+    }
+
+    #[test]
+    fn working_set_leaves_out_reclaimable_cache() {
+        let stats = |usage, kv: &[(&str, u64)]| ContainerMemoryStats {
+            usage,
+            stats: Some(kv.iter().map(|(k, v)| ((*k).to_owned(), *v)).collect()),
+            ..Default::default()
+        };
+        // cgroup v1
+        assert_eq!(working_set(&stats(Some(100), &[("total_inactive_file", 30), ("cache", 50)])), Some(70));
+        // cgroup v2
+        assert_eq!(working_set(&stats(Some(100), &[("inactive_file", 40)])), Some(60));
+        assert_eq!(working_set(&stats(Some(100), &[])), Some(100));
+        assert_eq!(working_set(&stats(Some(10), &[("inactive_file", 40)])), Some(0));
+        assert_eq!(working_set(&stats(None, &[])), None, "a stopped container reports nothing");
     }
 
     #[test]

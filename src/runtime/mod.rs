@@ -68,7 +68,9 @@ pub struct Instance {
     /// The runtime's id (a container id).
     pub id: String,
     pub running: bool,
-    /// Where the app answers, while running.
+    /// Frozen (cgroup freezer): still `running`, holding its memory, using no CPU.
+    pub paused: bool,
+    /// Where the app answers, while running (also while paused: the port stays published).
     pub endpoint: Option<SocketAddr>,
     /// [`RunSpec::fingerprint`] it was made from.
     pub fingerprint: Option<String>,
@@ -98,10 +100,22 @@ pub trait Runtime: Send + Sync + 'static {
     /// one, or creates one (not started).
     fn ensure(&self, spec: &RunSpec) -> BoxFuture<'static, Result<(Instance, Ensured), RuntimeError>>;
 
-    /// Starts the instance (a no-op when it runs) and returns it with its endpoint.
+    /// Starts the instance (a no-op when it runs; thaws it when frozen) and
+    /// returns it with its endpoint.
     fn start(&self, key: &SpaceKey) -> BoxFuture<'static, Result<Instance, RuntimeError>>;
 
-    /// Stops the instance, keeping it for a fast start later.
+    /// Freezes the running instance's processes (memory kept, no CPU); a
+    /// no-op when already frozen, an error when it does not run.
+    fn pause(&self, key: &SpaceKey) -> BoxFuture<'static, Result<(), RuntimeError>>;
+
+    /// Thaws a frozen instance; a no-op when it is not frozen.
+    fn unpause(&self, key: &SpaceKey) -> BoxFuture<'static, Result<(), RuntimeError>>;
+
+    /// Memory the running (or frozen) instance holds, in bytes (its working
+    /// set, without reclaimable page cache); `None` when it does not run.
+    fn memory_bytes(&self, key: &SpaceKey) -> BoxFuture<'static, Result<Option<u64>, RuntimeError>>;
+
+    /// Stops the instance (thawing it first if frozen), keeping it for a fast start later.
     fn stop(&self, key: &SpaceKey) -> BoxFuture<'static, Result<(), RuntimeError>>;
 
     /// Removes the instance, running or not; a no-op when there is none.
