@@ -34,11 +34,15 @@ use tokio_util::sync::CancellationToken;
 use crate::builder::{Builder, BuilderConfig, LogStore};
 use crate::proxy::{MemorySource, ProxyConfig, RouteSource, SpaceKey, WakeHandler};
 use crate::runtime::{DockerRuntime, Runtime};
+use crate::space::SleepPolicy;
 use state::{Book, UpState};
 use supervise::{Ctx, UP_DIR_LABEL};
 
 /// Prefix of local image names (`hangar.local/<owner>/<name>:<tag>`); never pushed.
 pub const IMAGE_PREFIX: &str = "hangar.local";
+/// Activity goes to memory here, not to Leases: a fine grain is cheap and
+/// keeps short sleep and freeze times exact.
+pub const ACTIVITY_INTERVAL: Duration = Duration::from_millis(200);
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct UpArgs {
@@ -87,6 +91,19 @@ pub struct UpArgs {
     /// port 0: any free port (printed).
     #[arg(long, env = "HANGAR_UP_LOGS_LISTEN", default_value = "127.0.0.1:0")]
     pub logs_listen: SocketAddr,
+    /// Idle time before a CPU Space's container is frozen (paused: memory kept, woken in
+    /// milliseconds) when its manifest sets no `freezeAfter`; `never` turns the tier off.
+    /// GPU flavors are not frozen by default.
+    #[arg(long, env = "HANGAR_UP_FREEZE_AFTER", default_value = "5m", value_parser = parse_freeze_after)]
+    pub freeze_after: FreezeDefault,
+}
+
+/// `--freeze-after`: a duration, or `None` for `never`.
+#[derive(Debug, Clone, Copy)]
+pub struct FreezeDefault(pub Option<Duration>);
+
+fn parse_freeze_after(s: &str) -> Result<FreezeDefault, String> {
+    crate::space::duration::parse_sleep(s).map(FreezeDefault).map_err(|e| e.to_string())
 }
 
 #[derive(Debug, Clone, clap::Args)]
@@ -167,9 +184,7 @@ pub async fn run(args: UpArgs) -> crate::Result<()> {
     let proxy_config = ProxyConfig {
         listen: args.listen,
         drain_timeout: Duration::from_secs(5),
-        // Activity goes to memory here, not to Leases: a fine grain is cheap
-        // and keeps short sleep times exact.
-        activity_interval: Duration::from_millis(200),
+        activity_interval: ACTIVITY_INTERVAL,
         ..ProxyConfig::default()
     };
     let routes: Arc<dyn RouteSource> = source.clone();
@@ -179,6 +194,10 @@ pub async fn run(args: UpArgs) -> crate::Result<()> {
             args.listen
         ))
     })?;
+    // Read before the new book overwrites it: frozen containers' idle times.
+    let previous = UpState::read(&state_dir)
+        .map(|s| s.spaces.into_iter().map(|s| (s.id.clone(), s)).collect())
+        .unwrap_or_default();
     let book = Book::new(&state_dir, dir.clone(), proxy.addr.to_string());
     let ctx = Arc::new(Ctx {
         builder,
@@ -192,6 +211,8 @@ pub async fn run(args: UpArgs) -> crate::Result<()> {
         keep_running: args.keep_running,
         token_sha256: args.token.as_deref().map(|t| crate::proxy::auth::token_digest(t.as_bytes())),
         started,
+        sleep_policy: SleepPolicy { cpu_freeze_after: args.freeze_after.0, ..SleepPolicy::default() },
+        previous,
     });
 
     let logs_listener = tokio::net::TcpListener::bind(args.logs_listen)

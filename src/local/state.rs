@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 
 use serde::{Deserialize, Serialize};
 
-use crate::space::Stage;
+use crate::space::{SleepTier, Stage};
 
 /// The state file's name inside the state directory.
 pub const FILE: &str = "up.json";
@@ -27,6 +27,29 @@ pub struct SpaceState {
     pub image: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub container: Option<String>,
+    /// While `SLEEPING`: frozen (container paused) or stopped.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tier: Option<SleepTier>,
+    /// When the tier was entered (Unix milliseconds).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tier_since_ms: Option<u64>,
+    /// The last request seen before the Space went to sleep (Unix
+    /// milliseconds): a restarted `hangar up` re-derives the tier from it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idle_since_ms: Option<u64>,
+    /// Memory a frozen container holds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_bytes: Option<u64>,
+}
+
+impl SpaceState {
+    /// Awake (or not running at all): no tier.
+    pub fn clear_sleep(&mut self) {
+        self.tier = None;
+        self.tier_since_ms = None;
+        self.idle_since_ms = None;
+        self.memory_bytes = None;
+    }
 }
 
 /// The whole file.
@@ -82,6 +105,10 @@ impl Book {
                     message: None,
                     image: None,
                     container: None,
+                    tier: None,
+                    tier_since_ms: None,
+                    idle_since_ms: None,
+                    memory_bytes: None,
                 });
                 state.spaces.len() - 1
             }
@@ -113,17 +140,41 @@ fn write_atomic(path: &Path, state: &UpState) -> std::io::Result<()> {
 pub fn render_table(state: &UpState, alive: bool) -> String {
     let mut out = String::new();
     let width = state.spaces.iter().map(|s| s.id.len()).max().unwrap_or(5).max(5);
-    out.push_str(&format!("{:<width$}  {:<22}  URL\n", "SPACE", "STAGE"));
+    out.push_str(&format!("{:<width$}  {:<22}  {:<20}  URL\n", "SPACE", "STAGE", "TIER"));
     for s in &state.spaces {
         // A dead writer means nothing serves: say so rather than repeat its last word.
         let stage = if alive { s.stage.as_str() } else { Stage::Stopped.as_str() };
-        out.push_str(&format!("{:<width$}  {:<22}  {}\n", s.id, stage, s.url));
+        let tier = if alive && s.stage == Stage::Sleeping { tier_text(s) } else { "-".to_owned() };
+        out.push_str(&format!("{:<width$}  {:<22}  {:<20}  {}\n", s.id, stage, tier, s.url));
         if let Some(m) = s.message.as_deref().filter(|_| alive && s.stage.is_error()) {
             let first = m.lines().next().unwrap_or_default();
             out.push_str(&format!("{:<width$}    {first}\n", ""));
         }
     }
     out
+}
+
+/// `frozen (113 MiB)`, `stopped`.
+fn tier_text(s: &SpaceState) -> String {
+    match (s.tier, s.memory_bytes) {
+        (Some(SleepTier::Frozen), Some(bytes)) => format!("frozen ({})", mib(bytes)),
+        (Some(tier), _) => tier.as_str().to_ascii_lowercase(),
+        (None, _) => "-".to_owned(),
+    }
+}
+
+fn mib(bytes: u64) -> String {
+    format!("{:.0} MiB", bytes as f64 / f64::from(1u32 << 20))
+}
+
+/// Milliseconds since the Unix epoch (0 for a clock before it).
+pub fn unix_ms(t: std::time::SystemTime) -> u64 {
+    t.duration_since(std::time::UNIX_EPOCH).map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+/// The inverse of [`unix_ms`].
+pub fn from_unix_ms(ms: u64) -> std::time::SystemTime {
+    std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms)
 }
 
 #[cfg(test)]
@@ -147,7 +198,23 @@ mod tests {
         assert!(table.contains("local/a  RUNNING"), "{table}");
         assert!(table.contains("BUILD_ERROR") && table.contains("step 2 failed") && !table.contains("more"), "{table}");
         assert!(render_table(&state, false).contains("local/a  STOPPED"));
-        assert_eq!(book.stages()["local/b"], Stage::BuildError);
+        book.update("local/a", "http://local-a.localhost:8080/", |s| {
+            s.stage = Stage::Sleeping;
+            s.tier = Some(SleepTier::Frozen);
+            s.memory_bytes = Some(113 << 20);
+        });
+        book.update("local/b", "http://local-b.localhost:8080/", |s| {
+            s.stage = Stage::Sleeping;
+            s.tier = Some(SleepTier::Stopped);
+        });
+        let state = UpState::read(tmp.path()).expect("readable");
+        assert_eq!(state.spaces[0].tier, Some(SleepTier::Frozen));
+        let table = render_table(&state, true);
+        assert!(table.lines().any(|l| l.starts_with("local/a  SLEEPING") && l.contains("frozen (113 MiB)")), "{table}");
+        assert!(table.lines().any(|l| l.starts_with("local/b  SLEEPING") && l.contains("stopped")), "{table}");
+        let at = std::time::UNIX_EPOCH + std::time::Duration::from_millis(1_700_000_000_123);
+        assert_eq!(from_unix_ms(unix_ms(at)), at);
+        assert_eq!(book.stages()["local/b"], Stage::Sleeping);
         book.remove_file();
         assert!(UpState::read(tmp.path()).is_err());
     }

@@ -15,12 +15,12 @@ use tokio_util::sync::CancellationToken;
 
 use super::discover::{LocalSpace, Origin};
 use super::snapshot;
-use super::state::Book;
+use super::state::{Book, SpaceState, from_unix_ms, unix_ms};
 use crate::builder::{BuildRequest, Builder, LogKind};
 use crate::proxy::{Access, MemorySource, SpaceKey, SpaceRoute};
 use crate::runtime::docker::cpu_limit;
-use crate::runtime::{Ensured, RunSpec, Runtime, space_env};
-use crate::space::{AppConfig, GitSource, Stage, Visibility, naming};
+use crate::runtime::{Ensured, RunSpec, Runtime, RuntimeError, space_env};
+use crate::space::{AppConfig, GitSource, SleepPolicy, SleepTier, SleepTimes, Stage, Visibility, naming};
 
 /// Label telling which `hangar up` folder a container belongs to (orphans
 /// of that folder, Spaces removed from it, are removed at the next start).
@@ -29,8 +29,12 @@ pub const UP_DIR_LABEL: &str = "hangar.dev/up-dir";
 const PROBE_INTERVAL: Duration = Duration::from_millis(100);
 /// One probe's limit (an app may accept and answer slowly while importing).
 const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
-/// How often an awake Space's idle time is compared with its sleep time.
+/// How often an awake Space's idle time is compared with its sleep times.
 const SLEEP_CHECK: Duration = Duration::from_millis(500);
+/// Between routing a Space's requests to the wake path and pausing it:
+/// longer than the activity interval ([`super::ACTIVITY_INTERVAL`]), so a
+/// request still in flight on the old route shows as activity and cancels the freeze.
+const FREEZE_GRACE: Duration = Duration::from_millis(300);
 
 /// What every supervisor shares.
 pub struct Ctx {
@@ -46,6 +50,10 @@ pub struct Ctx {
     pub token_sha256: Option<[u8; 32]>,
     /// When `hangar up` started (for the time-to-first-answer line).
     pub started: Instant,
+    /// Default freeze times per flavor (a Space's `freezeAfter` wins).
+    pub sleep_policy: SleepPolicy,
+    /// What the previous `hangar up` with this state directory last recorded, by Space id.
+    pub previous: BTreeMap<String, SpaceState>,
 }
 
 impl Ctx {
@@ -75,6 +83,7 @@ impl Supervisor {
         self.ctx.book.update(&self.key.to_string(), &self.url, |s| {
             s.stage = stage;
             s.message = message.clone();
+            s.clear_sleep();
         });
         self.ctx.source.update(&self.key, |r| {
             r.stage = Some(stage);
@@ -89,11 +98,32 @@ impl Supervisor {
         self.ctx.book.update(&self.key.to_string(), &self.url, |s| {
             s.stage = Stage::Running;
             s.message = None;
+            s.clear_sleep();
         });
         self.ctx.source.update(&self.key, |r| {
             r.stage = Some(Stage::Running);
             r.message = None;
             r.endpoints = vec![endpoint];
+        });
+    }
+
+    /// Asleep in `tier`: requests are held and signal a wake (the route has no endpoint).
+    fn set_sleeping(&self, tier: SleepTier, idle_since: Option<SystemTime>, memory: Option<u64>) {
+        let now = unix_ms(SystemTime::now());
+        self.ctx.book.update(&self.key.to_string(), &self.url, |s| {
+            if s.stage != Stage::Sleeping || s.tier != Some(tier) {
+                s.tier_since_ms = Some(now);
+            }
+            s.stage = Stage::Sleeping;
+            s.message = None;
+            s.tier = Some(tier);
+            s.idle_since_ms = idle_since.map(unix_ms);
+            s.memory_bytes = memory;
+        });
+        self.ctx.source.update(&self.key, |r| {
+            r.stage = Some(Stage::Sleeping);
+            r.message = None;
+            r.endpoints.clear();
         });
     }
 
@@ -172,99 +202,247 @@ pub async fn supervise(ctx: Arc<Ctx>, space: LocalSpace, mut wakes: mpsc::Receiv
         Err(e) => return sup.fail(Stage::RuntimeError, e.0, &cancel).await,
     };
     if ensured == Ensured::Adopted {
-        let how = if instance.running { "adopted its running container" } else { "adopted its stopped container" };
+        let how = match (instance.running, instance.paused) {
+            (true, true) => "adopted its frozen container",
+            (true, false) => "adopted its running container",
+            _ => "adopted its stopped container",
+        };
         say(&key, how);
     }
     ctx.book.update(&key.to_string(), &sup.url, |s| s.container = Some(instance.id.clone()));
     let redact: Vec<String> = secrets.into_values().collect();
 
-    // 3. Run, sleep, wake, until cancelled.
-    let mut woken_at: Option<Instant> = None;
+    // 3. Run, freeze, stop, wake, until cancelled.
+    let times = ctx.sleep_policy.for_config(&config);
+    let mut state = match instance.endpoint.filter(|_| instance.paused) {
+        // A frozen container (left by a crashed or `--keep-running` hangar up):
+        // its tier comes from how long it has been idle, so nothing stays frozen for good.
+        Some(endpoint) => {
+            let now = SystemTime::now();
+            let idle_since = adopted_idle_since(ctx.previous.get(&key.to_string()), &times, now);
+            match times.tier(now.duration_since(idle_since).unwrap_or_default()).tier {
+                Some(SleepTier::Frozen) => {
+                    follow_logs(&ctx, &key, &instance.id, redact.clone());
+                    sup.frozen(idle_since, "SLEEPING (frozen container adopted)").await;
+                    State::Frozen { endpoint, idle_since }
+                }
+                Some(SleepTier::Stopped) => State::Stopping,
+                // Not idle long enough to stay frozen: `start` thaws it.
+                None => State::Starting { woken_at: None },
+            }
+        }
+        None => State::Starting { woken_at: None },
+    };
     loop {
-        sup.set_stage(Stage::AppStarting, None);
-        let instance = match ctx.runtime.start(&key).await {
-            Ok(i) => i,
-            Err(e) => return sup.fail(Stage::RuntimeError, e.0, &cancel).await,
-        };
-        let Some(endpoint) = instance.endpoint else {
-            return sup.fail(Stage::RuntimeError, "the container publishes no port".to_owned(), &cancel).await;
-        };
-        follow_logs(&ctx, &key, &instance.id, redact.clone());
-        let mut exited: BoxFuture<'static, _> = ctx.runtime.wait_stopped(&key);
-        let answered = tokio::select! {
-            ok = wait_until_answers(endpoint, config.startup_timeout) => ok,
-            code = &mut exited => {
-                let message = exit_message(&ctx, &key, code.ok().flatten(), "while starting").await;
-                return sup.fail(Stage::RuntimeError, message, &cancel).await;
-            }
-            () = cancel.cancelled() => return stop(&sup).await,
-        };
-        if !answered {
-            let message =
-                format!("the app did not answer on port {} within {:?}", config.app_port, config.startup_timeout);
-            let _ = ctx.runtime.stop(&key).await;
-            return sup.fail(Stage::RuntimeError, message, &cancel).await;
-        }
-        sup.set_running(endpoint);
-        match woken_at.take() {
-            Some(at) => say(&key, &format!("RUNNING (woke in {:.2}s)", at.elapsed().as_secs_f64())),
-            None => {
-                say(&key, &format!("RUNNING {} ({:.1}s after start)", sup.url, ctx.started.elapsed().as_secs_f64()))
-            }
-        }
-
-        // Running: until it exits, idles past its sleep time, or we stop.
-        let running_since = SystemTime::now();
-        let mut check = tokio::time::interval(SLEEP_CHECK);
-        loop {
-            tokio::select! {
-                () = cancel.cancelled() => {
-                    drop(exited);
-                    return stop(&sup).await;
+        state = match state {
+            State::Starting { woken_at } => {
+                sup.set_stage(Stage::AppStarting, None);
+                let instance = match ctx.runtime.start(&key).await {
+                    Ok(i) => i,
+                    Err(e) => return sup.fail(Stage::RuntimeError, e.0, &cancel).await,
+                };
+                let Some(endpoint) = instance.endpoint else {
+                    return sup.fail(Stage::RuntimeError, "the container publishes no port".to_owned(), &cancel).await;
+                };
+                follow_logs(&ctx, &key, &instance.id, redact.clone());
+                let mut exited: BoxFuture<'static, _> = ctx.runtime.wait_stopped(&key);
+                let answered = tokio::select! {
+                    ok = wait_until_answers(endpoint, config.startup_timeout) => ok,
+                    code = &mut exited => {
+                        let message = exit_message(&ctx, &key, code.ok().flatten(), "while starting").await;
+                        return sup.fail(Stage::RuntimeError, message, &cancel).await;
+                    }
+                    () = cancel.cancelled() => return stop(&sup).await,
+                };
+                if !answered {
+                    let message = format!(
+                        "the app did not answer on port {} within {:?}",
+                        config.app_port, config.startup_timeout
+                    );
+                    let _ = ctx.runtime.stop(&key).await;
+                    return sup.fail(Stage::RuntimeError, message, &cancel).await;
                 }
-                code = &mut exited => {
-                    match code {
-                        // The wait call itself ended (e.g. the engine's request timeout): wait again.
-                        Err(e) if matches!(ctx.runtime.get(&key).await, Ok(Some(i)) if i.running) => {
-                            tracing::debug!(space = %key, error = %e, "waiting for the container again");
-                            exited = ctx.runtime.wait_stopped(&key);
+                sup.set_running(endpoint);
+                match woken_at {
+                    Some(at) => say(&key, &format!("RUNNING (woke in {:.2}s)", at.elapsed().as_secs_f64())),
+                    None => say(
+                        &key,
+                        &format!("RUNNING {} ({:.1}s after start)", sup.url, ctx.started.elapsed().as_secs_f64()),
+                    ),
+                }
+                State::Awake { endpoint, since: SystemTime::now(), exited: Some(exited) }
+            }
+
+            // Running: until it exits, idles into a sleep tier, or we stop.
+            State::Awake { endpoint, since, exited } => {
+                let mut exited = exited.unwrap_or_else(|| ctx.runtime.wait_stopped(&key));
+                let mut check = tokio::time::interval(SLEEP_CHECK);
+                let (tier, idle_since) = loop {
+                    tokio::select! {
+                        () = cancel.cancelled() => {
+                            drop(exited);
+                            return stop(&sup).await;
                         }
-                        code => {
-                            let message = exit_message(&ctx, &key, code.ok().flatten(), "while running").await;
-                            return sup.fail(Stage::RuntimeError, message, &cancel).await;
+                        code = &mut exited => {
+                            match code {
+                                // The wait call itself ended (e.g. the engine's request timeout): wait again.
+                                Err(e) if matches!(ctx.runtime.get(&key).await, Ok(Some(i)) if i.running) => {
+                                    tracing::debug!(space = %key, error = %e, "waiting for the container again");
+                                    exited = ctx.runtime.wait_stopped(&key);
+                                }
+                                code => {
+                                    let message = exit_message(&ctx, &key, code.ok().flatten(), "while running").await;
+                                    return sup.fail(Stage::RuntimeError, message, &cancel).await;
+                                }
+                            }
+                        }
+                        _ = check.tick() => {
+                            let last = last_activity(&ctx, &key, since);
+                            let idle = SystemTime::now().duration_since(last).unwrap_or_default();
+                            if let Some(tier) = times.tier(idle).tier {
+                                break (tier, last);
+                            }
+                        }
+                    }
+                };
+                // A frozen container's wait stays pending; a stopped one's ends: either way, not needed now.
+                drop(exited);
+                match tier {
+                    SleepTier::Stopped => State::Stopping,
+                    SleepTier::Frozen => sup.freeze(endpoint, idle_since, &mut wakes).await,
+                }
+            }
+
+            // Frozen: thawed by the next request, stopped once idle past the stop time.
+            State::Frozen { endpoint, idle_since } => {
+                let mut check = tokio::time::interval(SLEEP_CHECK);
+                loop {
+                    tokio::select! {
+                        () = cancel.cancelled() => return stop(&sup).await,
+                        w = wakes.recv() => {
+                            if w.is_none() {
+                                return;
+                            }
+                            break sup.thaw(endpoint).await;
+                        }
+                        _ = check.tick() => {
+                            let idle = SystemTime::now().duration_since(idle_since).unwrap_or_default();
+                            if times.tier(idle).tier == Some(SleepTier::Stopped) {
+                                break State::Stopping;
+                            }
                         }
                     }
                 }
-                _ = check.tick() => {
-                    if is_idle(&ctx, &key, running_since, config.sleep_after) {
-                        break;
+            }
+
+            // Stopped: route first (new requests wait and wake it), then the container.
+            State::Stopping => {
+                while wakes.try_recv().is_ok() {}
+                sup.set_sleeping(SleepTier::Stopped, None, None);
+                if let Err(e) = ctx.runtime.stop(&key).await {
+                    tracing::warn!(space = %key, error = %e, "cannot stop the idle container");
+                }
+                say(&key, "SLEEPING (idle; container stopped)");
+                tokio::select! {
+                    () = cancel.cancelled() => {
+                        sup.set_stage(Stage::Stopped, None);
+                        return;
+                    }
+                    w = wakes.recv() => {
+                        if w.is_none() {
+                            return;
+                        }
+                        say(&key, "waking (request received)");
+                        State::Starting { woken_at: Some(Instant::now()) }
                     }
                 }
             }
-        }
+        };
+    }
+}
 
-        // Asleep: route first (new requests wait and wake it), then the container.
+/// Where a supervised Space stands.
+enum State {
+    /// To start (or thaw) the container and wait until the app answers.
+    Starting { woken_at: Option<Instant> },
+    /// Serving at `endpoint`, its idle time counted from `since` at the earliest.
+    Awake {
+        endpoint: SocketAddr,
+        since: SystemTime,
+        exited: Option<BoxFuture<'static, Result<Option<i64>, RuntimeError>>>,
+    },
+    /// Paused, still published at `endpoint`; idle since `idle_since`.
+    Frozen { endpoint: SocketAddr, idle_since: SystemTime },
+    /// To stop the container and wait for a request.
+    Stopping,
+}
+
+impl Supervisor {
+    /// Freezes an idle Space: route first (new requests wait and signal the
+    /// thaw), a grace period for requests that took the old route, then the
+    /// container's pause. Activity or a wake meanwhile keeps it awake.
+    async fn freeze(&self, endpoint: SocketAddr, idle_since: SystemTime, wakes: &mut mpsc::Receiver<()>) -> State {
+        let key = &self.key;
         while wakes.try_recv().is_ok() {}
-        sup.set_stage(Stage::Sleeping, None);
-        drop(exited);
-        if let Err(e) = ctx.runtime.stop(&key).await {
-            tracing::warn!(space = %key, error = %e, "cannot stop the idle container");
+        self.set_sleeping(SleepTier::Frozen, Some(idle_since), None);
+        tokio::time::sleep(FREEZE_GRACE).await;
+        let woken = wakes.try_recv().is_ok();
+        if woken || last_activity(&self.ctx, key, idle_since) > idle_since {
+            // A request came in after all: serve it instead of freezing.
+            self.set_running(endpoint);
+            return State::Awake { endpoint, since: SystemTime::now(), exited: None };
         }
-        say(&key, "SLEEPING (idle; container stopped)");
-        tokio::select! {
-            () = cancel.cancelled() => {
-                sup.set_stage(Stage::Stopped, None);
-                return;
+        if let Err(e) = self.ctx.runtime.pause(key).await {
+            tracing::warn!(space = %key, error = %e, "cannot freeze the idle container; stopping it");
+            return State::Stopping;
+        }
+        self.frozen(idle_since, "SLEEPING (idle; container frozen)").await;
+        State::Frozen { endpoint, idle_since }
+    }
+
+    /// Records a frozen Space (tier, since, the memory it holds) and says so.
+    async fn frozen(&self, idle_since: SystemTime, what: &str) {
+        let memory = match self.ctx.runtime.memory_bytes(&self.key).await {
+            Ok(m) => m,
+            Err(e) => {
+                tracing::debug!(space = %self.key, error = %e, "cannot read the frozen container's memory");
+                None
             }
-            w = wakes.recv() => {
-                if w.is_none() {
-                    return;
-                }
-                woken_at = Some(Instant::now());
-                say(&key, "waking (request received)");
+        };
+        self.set_sleeping(SleepTier::Frozen, Some(idle_since), memory);
+        let held = memory.map(|m| format!(", {} MiB held", m >> 20)).unwrap_or_default();
+        say(&self.key, &format!("{what}{held}"));
+    }
+
+    /// Thaws a frozen Space and serves it at once: it answered when it was
+    /// frozen and its port did not change, so no readiness probe is needed.
+    async fn thaw(&self, endpoint: SocketAddr) -> State {
+        let t = Instant::now();
+        match self.ctx.runtime.unpause(&self.key).await {
+            Ok(()) => {
+                self.set_running(endpoint);
+                say(&self.key, &format!("RUNNING (thawed in {:.0} ms)", t.elapsed().as_secs_f64() * 1000.0));
+                State::Awake { endpoint, since: SystemTime::now(), exited: None }
+            }
+            Err(e) => {
+                // `start` thaws too, and fails with the reason if nothing can be started.
+                tracing::warn!(space = %self.key, error = %e, "cannot thaw the container; starting it");
+                State::Starting { woken_at: Some(t) }
             }
         }
     }
+}
+
+/// When an adopted frozen container went idle: as the previous `hangar up`
+/// recorded it, else the latest time consistent with its being frozen (its
+/// freeze time ago), so it is stopped at the latest `stop_after - freeze_after` from now.
+fn adopted_idle_since(previous: Option<&SpaceState>, times: &SleepTimes, now: SystemTime) -> SystemTime {
+    let recorded = previous
+        .filter(|p| p.tier == Some(SleepTier::Frozen))
+        .and_then(|p| p.idle_since_ms)
+        .map(from_unix_ms)
+        .filter(|t| *t <= now);
+    recorded.unwrap_or_else(|| times.freeze_after.and_then(|f| now.checked_sub(f)).unwrap_or(now))
 }
 
 /// On shutdown: stop the container unless told to keep it running.
@@ -277,13 +455,9 @@ async fn stop(sup: &Supervisor) {
     sup.set_stage(Stage::Stopped, None);
 }
 
-/// Whether the Space saw no traffic for its sleep time (never, without one).
-fn is_idle(ctx: &Ctx, key: &SpaceKey, running_since: SystemTime, sleep_after: Option<Duration>) -> bool {
-    let Some(sleep_after) = sleep_after else {
-        return false;
-    };
-    let last = ctx.source.last_activity(key).map_or(running_since, |a| a.max(running_since));
-    SystemTime::now().duration_since(last).is_ok_and(|idle| idle >= sleep_after)
+/// The last traffic the Space saw, `since` at the earliest.
+fn last_activity(ctx: &Ctx, key: &SpaceKey, since: SystemTime) -> SystemTime {
+    ctx.source.last_activity(key).map_or(since, |a| a.max(since))
 }
 
 /// The image to run and the Space's configuration, or the stage and message of a failure.
@@ -416,6 +590,43 @@ mod tests {
             }
         });
         assert!(wait_until_answers(addr, Duration::from_secs(2)).await, "any status counts");
+    }
+
+    #[test]
+    fn an_adopted_frozen_container_keeps_its_idle_time() {
+        let s = Duration::from_secs;
+        let now = SystemTime::UNIX_EPOCH + s(1_000_000);
+        let times = SleepTimes { freeze_after: Some(s(60)), stop_after: Some(s(600)) };
+        let record = |tier, idle_since: SystemTime| SpaceState {
+            id: "a/b".into(),
+            stage: Stage::Sleeping,
+            url: String::new(),
+            message: None,
+            image: None,
+            container: None,
+            tier: Some(tier),
+            tier_since_ms: None,
+            idle_since_ms: Some(unix_ms(idle_since)),
+            memory_bytes: None,
+        };
+        let tier_of = |since: SystemTime| times.tier(now.duration_since(since).unwrap_or_default()).tier;
+        // Recorded: frozen 2 min ago, stays frozen; 11 min ago: past the stop time.
+        let since = adopted_idle_since(Some(&record(SleepTier::Frozen, now - s(120))), &times, now);
+        assert_eq!((since, tier_of(since)), (now - s(120), Some(SleepTier::Frozen)));
+        let since = adopted_idle_since(Some(&record(SleepTier::Frozen, now - s(660))), &times, now);
+        assert_eq!(tier_of(since), Some(SleepTier::Stopped));
+        // No usable record (none, another tier, a time in the future): idle for the
+        // freeze time at least, so still frozen now and stopped 9 min from now.
+        for previous in
+            [None, Some(record(SleepTier::Stopped, now - s(660))), Some(record(SleepTier::Frozen, now + s(5)))]
+        {
+            let since = adopted_idle_since(previous.as_ref(), &times, now);
+            assert_eq!((since, tier_of(since)), (now - s(60), Some(SleepTier::Frozen)), "{previous:?}");
+        }
+        // Freezing turned off since: thawed at once.
+        let never = SleepTimes { freeze_after: None, stop_after: Some(s(600)) };
+        let since = adopted_idle_since(None, &never, now);
+        assert_eq!(never.tier(now.duration_since(since).unwrap_or_default()).tier, None);
     }
 
     #[test]
