@@ -121,26 +121,56 @@ async fn static_space_builds_pushes_serves_and_is_reused() {
     assert!(body.contains(&new_marker), "{body}");
 }
 
+/// The docker fixture's Dockerfile plus a step that needs secret `API_TOKEN`
+/// at build time (a BuildKit secret mount): it fails without it, prints it
+/// (the log must mask it) and keeps only its sha256 in the image.
+const SECRET_STEP: &str = "RUN --mount=type=secret,id=API_TOKEN test -s /run/secrets/API_TOKEN \
+    && echo \"token: $(cat /run/secrets/API_TOKEN)\" \
+    && sha256sum /run/secrets/API_TOKEN | cut -d' ' -f1 > secret.sha256\n";
+
+fn contains(haystack: &[u8], needle: &str) -> bool {
+    haystack.windows(needle.len()).any(|w| w == needle.as_bytes())
+}
+
 #[tokio::test(flavor = "multi_thread")]
-async fn docker_space_gets_variables_as_build_args_and_never_sees_secrets() {
+async fn docker_space_gets_variables_as_build_args_and_secrets_as_mounts_that_leave_no_trace() {
+    use sha2::Digest;
     let env = TestEnv::engine();
     let marker = unique_name("docker-marker");
     let repo = fixture_repo("docker", &marker);
+    let dockerfile = std::fs::read_to_string(repo.path().join("Dockerfile")).expect("Dockerfile");
+    let dockerfile = dockerfile.replacen("USER 1000\n", &format!("{SECRET_STEP}USER 1000\n"), 1);
+    commit_file(repo.path(), "Dockerfile", &dockerfile);
     let ns = unique_name("bob");
     let b = builder(&env).await;
+    assert_eq!(b.engine().buildkit(), Ok(()), "the test bed's engine builds with BuildKit");
     let secret = format!("s3cr3t-{}", unique_name("v"));
-    let mut req = request(&ns, "app", repo.path());
-    req.variables = BTreeMap::from([
-        ("BASE_IMAGE".to_owned(), env.python_image.clone()),
-        ("GREETING".to_owned(), "bonjour-from-variables".to_owned()),
-    ]);
-    req.spec.secrets = vec![
-        serde_json::from_value(serde_json::json!({
-            "name": "API_TOKEN", "secretKeyRef": {"name": "app-secrets", "key": "token"}
-        }))
-        .expect("secret ref"),
-    ];
-    req.redact = vec![secret.clone()];
+    let request = || {
+        let mut req = request(&ns, "app", repo.path());
+        req.variables = BTreeMap::from([
+            ("BASE_IMAGE".to_owned(), env.python_image.clone()),
+            ("GREETING".to_owned(), "bonjour-from-variables".to_owned()),
+        ]);
+        req.spec.secrets = vec![
+            serde_json::from_value(serde_json::json!({
+                "name": "API_TOKEN", "secretKeyRef": {"name": "app-secrets", "key": "token"}
+            }))
+            .expect("secret ref"),
+        ];
+        req
+    };
+
+    // Without its value the step finds no secret and the build fails: the mount is real.
+    let f = b.build(request()).await.expect_err("no secret value");
+    assert_eq!((f.stage, f.kind), (Stage::BuildError, FailureKind::Build), "{}", f.message);
+    assert!(f.message.contains("RUN --mount=type=secret,id=API_TOKEN"), "{}", f.message);
+    let log = b.logs().tail(&format!("{ns}/app"), LogKind::Build, 10_000).join("\n");
+    assert!(log.contains("secrets without a value (not offered): API_TOKEN"), "{log}");
+    assert!(log.contains("GREETING=bonjour-from-variables"), "the log shows the build's env: {log}");
+
+    let mut req = request();
+    req.secrets = [("API_TOKEN".to_owned(), secret.clone())].into_iter().collect();
+    assert!(!format!("{req:?}").contains(&secret), "a request's Debug shows no secret value");
     let out = ok(b.build(req).await);
     assert!(!out.reused);
 
@@ -148,6 +178,9 @@ async fn docker_space_gets_variables_as_build_args_and_never_sees_secrets() {
     assert!(body.contains(&marker), "{body}");
     assert!(body.contains("bonjour-from-variables"), "variables are build args: {body}");
     assert!(body.contains("<p id=\"uid\">1000</p>"), "runs as uid 1000: {body}");
+    // The step saw the secret: its hash is in the image.
+    let hash = run_ok(env.docker().args(["exec", &c.id, "cat", "/home/user/app/secret.sha256"]));
+    assert_eq!(hash.trim(), hex::encode(sha2::Sha256::digest(secret.as_bytes())));
     // The app's own output reaches the run log.
     let follow = {
         let (b, id, space) = (b.clone(), c.id.clone(), format!("{ns}/app"));
@@ -165,23 +198,31 @@ async fn docker_space_gets_variables_as_build_args_and_never_sees_secrets() {
         .expect("join")
         .expect("follow");
 
-    // The secret is nowhere: not in the build log, not in any layer or config.
+    // The secret is nowhere: not in the build log (the step printed it: masked),
+    // not in any layer, the image config or its history.
     let log = b.logs().tail(&format!("{ns}/app"), LogKind::Build, 10_000).join("\n");
-    assert!(log.contains("GREETING=bonjour-from-variables"), "the log shows the build's env: {log}");
+    assert!(log.contains("token: ***"), "the printed secret is masked: {log}");
+    assert!(log.contains("BuildKit: secrets for secret mounts: API_TOKEN"), "{log}");
     assert!(!log.contains(&secret), "secret in the build log");
+    let image = format!("{}:{}", out.repository, out.tag);
     let saved = Command::new("docker")
         .env("DOCKER_HOST", &env.docker_host)
-        .args(["save", &format!("{}:{}", out.repository, out.tag)])
+        .args(["save", &image])
         .output()
         .expect("docker save");
     assert!(saved.status.success(), "{}", String::from_utf8_lossy(&saved.stderr));
     assert!(saved.stdout.len() > 1_000_000, "docker save produced {} bytes", saved.stdout.len());
-    // Layers are plain tars (classic builder, no compression): a byte search finds any file content.
-    assert!(!saved.stdout.windows(secret.len()).any(|w| w == secret.as_bytes()), "secret found in the saved image");
+    // Layers and config are plain tar entries (no compression): a byte search finds any content.
+    assert!(!contains(&saved.stdout, &secret), "secret found in the saved image");
+    assert!(contains(&saved.stdout, "bonjour-from-variables"), "the grep works: the variable is in the saved image");
     assert!(
-        saved.stdout.windows(b"bonjour-from-variables".len()).any(|w| w == b"bonjour-from-variables"),
-        "the grep works: the variable is found in the saved image"
+        contains(&saved.stdout, "test -s /run/secrets/API_TOKEN"),
+        "the grep works: the history is in the saved image"
     );
+    let history = run_ok(env.docker().args(["history", "--no-trunc", &image]));
+    let inspect = run_ok(env.docker().args(["inspect", &image]));
+    assert!(!history.contains(&secret) && !inspect.contains(&secret), "secret in the image's history or config");
+    assert!(history.contains("test -s /run/secrets/API_TOKEN"), "{history}");
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -195,10 +236,9 @@ async fn broken_builds_missing_app_files_and_bad_front_matter_fail_with_their_st
     req.variables = BTreeMap::from([("BASE_IMAGE".to_owned(), env.python_image.clone())]);
     let f = b.build(req).await.expect_err("the Dockerfile fails");
     assert_eq!((f.stage, f.kind), (Stage::BuildError, FailureKind::Build));
-    // The engine numbers steps itself (its label steps count too): match the step, not the total.
-    assert!(f.message.starts_with("Step 4/"), "{}", f.message);
-    assert!(f.message.contains(" : RUN echo \"this step fails on purpose\" && exit 3 failed: "), "{}", f.message);
-    assert!(f.message.contains("returned a non-zero code: 3"), "{}", f.message);
+    // BuildKit names the step by its stage position: `[3/4] RUN ...`.
+    assert!(f.message.starts_with("[3/4] RUN echo \"this step fails on purpose\" && exit 3 failed: "), "{}", f.message);
+    assert!(f.message.contains("exit code: 3"), "{}", f.message);
     assert!(f.log_tail.iter().any(|l| l.contains("this step fails on purpose")), "{:?}", f.log_tail);
     assert_eq!(f.commit.as_deref(), Some(git(broken.path(), &["rev-parse", "HEAD"]).as_str()));
 
@@ -356,7 +396,7 @@ async fn build_logs_stream_over_sse_like_the_hub() {
         assert!(ts.parse::<k8s_openapi::jiff::Timestamp>().is_ok(), "RFC 3339: {ts}");
     }
     let lines: Vec<&str> = events.iter().filter_map(|e| e["data"].as_str()).collect();
-    assert!(lines.iter().any(|l| l.starts_with("Step 1/")), "{lines:?}");
+    assert!(lines.iter().any(|l| l.starts_with("#1 ")), "BuildKit's numbered steps: {lines:?}");
     assert!(lines.last().is_some_and(|l| l.contains(&format!("pushed {}", out.repository))), "{lines:?}");
 
     // Run logs: whatever the operator appends, followed live.

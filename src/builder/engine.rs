@@ -1,24 +1,26 @@
 //! The Docker engine side of a build, through bollard: look an image up,
-//! build a context with the classic builder, push, read the digest.
+//! build a context, push, read the digest.
 //!
-//! Why the classic builder: bollard 0.21 reaches the engine's BuildKit only
-//! through a session that offers auth and file sync, not the secrets service
-//! `RUN --mount=type=secret` needs; the gRPC drivers that do offer it want a
-//! `moby/buildkit` container or give no build output to stream. So builds get
-//! no secrets at all (variables only, as build args), and Space secrets are
-//! injected as environment at run time: nothing secret can reach a layer.
+//! Builds use the engine's BuildKit (see [`super::buildkit`]), whose session
+//! serves the Space's secrets to `RUN --mount=type=secret` steps. An engine
+//! without BuildKit sessions (found out once, at connect) gets the classic
+//! builder: its builds say so in their log and receive no secrets (a
+//! Dockerfile that mounts one fails there, as it would with `docker build`).
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 use std::time::Duration;
 
 use bollard::Docker;
 use bollard::auth::DockerCredentials;
+use bollard::models::{BuildInfoAux, ImageId};
 use bollard::query_parameters::{
     BuildImageOptionsBuilder, BuilderVersion, PushImageOptionsBuilder, TagImageOptionsBuilder,
 };
 use futures::StreamExt;
 use tokio_util::io::ReaderStream;
+
+use super::buildkit::{self, BuildSpec, EngineAddr, Session};
 
 /// Registry login for pushes.
 #[derive(Clone, PartialEq, Eq)]
@@ -50,7 +52,7 @@ impl From<bollard::errors::Error> for EngineError {
 /// A build that failed: the engine's message and the step it failed in.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StepFailure {
-    /// `Step 3/9 : RUN pip install ...`, when the output named one.
+    /// `[3/9] RUN pip install ...` (BuildKit) or `Step 3/9 : RUN ...` (classic), when known.
     pub step: Option<String>,
     pub message: String,
 }
@@ -60,6 +62,11 @@ pub struct StepFailure {
 pub struct Engine {
     docker: Docker,
     credentials: Option<DockerCredentials>,
+    /// The engine's address and API version, for BuildKit's raw connections.
+    addr: EngineAddr,
+    api: String,
+    /// `Err(why)`: the engine has no BuildKit sessions; builds are classic.
+    buildkit: Result<(), String>,
 }
 
 impl Engine {
@@ -77,12 +84,13 @@ impl Engine {
             None => std::env::var("DOCKER_HOST").unwrap_or_else(|_| "unix:///var/run/docker.sock".to_owned()),
         };
         let secs = request_timeout.as_secs().max(1);
-        let docker = if let Some(path) = host.strip_prefix("unix://") {
-            Docker::connect_with_unix(path, secs, bollard::API_DEFAULT_VERSION)?
-        } else if host.starts_with("tcp://") || host.starts_with("http://") {
-            Docker::connect_with_http(&host, secs, bollard::API_DEFAULT_VERSION)?
-        } else {
-            return Err(EngineError(format!("unsupported DOCKER_HOST {host:?} (use unix:// or tcp://)")));
+        let addr = EngineAddr::parse(&host)
+            .ok_or_else(|| EngineError(format!("unsupported DOCKER_HOST {host:?} (use unix:// or tcp://)")))?;
+        let docker = match &addr {
+            EngineAddr::Unix(path) => {
+                Docker::connect_with_unix(&path.to_string_lossy(), secs, bollard::API_DEFAULT_VERSION)?
+            }
+            EngineAddr::Tcp(_) => Docker::connect_with_http(&host, secs, bollard::API_DEFAULT_VERSION)?,
         };
         let docker = docker
             .negotiate_version()
@@ -93,7 +101,16 @@ impl Engine {
             password: Some(c.password.clone()),
             ..Default::default()
         });
-        Ok(Self { docker, credentials })
+        let version = docker.client_version();
+        let api = format!("{}.{}", version.major_version, version.minor_version);
+        // A session opened and dropped at once: proof the engine speaks BuildKit.
+        let buildkit = Session::open(&addr, &api, HashMap::new()).await.map(drop);
+        Ok(Self { docker, credentials, addr, api, buildkit })
+    }
+
+    /// `Ok`: builds run on the engine's BuildKit; `Err(why)`: classic builder.
+    pub fn buildkit(&self) -> Result<(), &str> {
+        self.buildkit.as_ref().map(|_| ()).map_err(String::as_str)
     }
 
     /// The bollard client (for the caller's own engine calls, e.g. run logs).
@@ -116,8 +133,32 @@ impl Engine {
     }
 
     /// Builds `context_tar` (streamed from disk) into `tag`; every output
-    /// line goes to `on_line`. Returns the image id.
+    /// line goes to `on_line`. Returns the image id. With BuildKit, `secrets`
+    /// (id -> value) are offered to the build's secret mounts; the classic
+    /// builder gets none.
+    #[allow(clippy::too_many_arguments)]
     pub async fn build(
+        &self,
+        context_tar: &Path,
+        dockerfile: &str,
+        tag: &str,
+        build_args: &HashMap<String, String>,
+        labels: &HashMap<String, String>,
+        secrets: &BTreeMap<String, String>,
+        on_line: impl FnMut(&str),
+    ) -> Result<String, StepFailure> {
+        if self.buildkit.is_err() {
+            return self.classic_build(context_tar, dockerfile, tag, build_args, labels, on_line).await;
+        }
+        let values = secrets.iter().map(|(k, v)| (k.clone(), v.clone().into_bytes())).collect();
+        let session = Session::open(&self.addr, &self.api, values)
+            .await
+            .map_err(|e| StepFailure { step: None, message: format!("cannot open a BuildKit session: {e}") })?;
+        let spec = BuildSpec { context_tar, dockerfile, tag, build_args, labels };
+        buildkit::build(&self.addr, &self.api, &session, &spec, on_line).await
+    }
+
+    async fn classic_build(
         &self,
         context_tar: &Path,
         dockerfile: &str,
@@ -161,7 +202,7 @@ impl Engine {
                     if let Some(status) = info.status.as_deref() {
                         on_line(status);
                     }
-                    if let Some(id) = info.aux.and_then(|a| a.id) {
+                    if let Some(BuildInfoAux::Default(ImageId { id: Some(id) })) = info.aux {
                         image_id = Some(id);
                     }
                 }
@@ -250,7 +291,7 @@ impl Engine {
 
 /// `text` without terminal escape sequences (the classic builder colours
 /// a RUN step's stderr), so stored lines are plain text.
-fn strip_ansi(text: &str) -> String {
+pub(super) fn strip_ansi(text: &str) -> String {
     let mut out = String::with_capacity(text.len());
     let mut chars = text.chars().peekable();
     while let Some(c) = chars.next() {

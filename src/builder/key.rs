@@ -30,6 +30,10 @@ pub fn build_key(commit: &str, plan: &BuildPlan, extra_ca_sha256: Option<&str>) 
         field("arg", name);
         field("value", value);
     }
+    // Names only: a changed value does not rebuild (values never reach the image).
+    for name in &plan.secrets {
+        field("secret", name);
+    }
     hex::encode(h.finalize())
 }
 
@@ -71,6 +75,7 @@ mod tests {
             python_base_image: "py:{python_version}".into(),
             static_server: StaticServer::busybox("st:1"),
             extra_ca: false,
+            buildkit: true,
         };
         let vars: BTreeMap<String, String> = vars.iter().map(|(k, v)| ((*k).into(), (*v).into())).collect();
         plan(&spec, &repo, &vars, &settings).expect("plan")

@@ -11,7 +11,8 @@
 //! let builder = Builder::new(config).await?;
 //! # let (spec, source) = (hangar::space::SpaceSpec::default(), hangar::space::GitSource { git: "file:///r".into(), revision: "main".into(), credentials_secret: None });
 //! let mut request = BuildRequest::new("alice", "demo", source, spec); // variables = spec.env
-//! request.redact = vec!["<each secret value of the Space>".into()];
+//! // The values of spec.secrets, by name: mounted at build time, masked in logs.
+//! request.secrets = [("HF_TOKEN".to_owned(), "<value>".to_owned())].into_iter().collect();
 //! match builder.build(request).await {
 //!     // status.image = out.image (digest-pinned), status.build.revision = out.commit
 //!     Ok(out) => println!("image {} (reused: {})", out.image, out.reused),
@@ -42,11 +43,15 @@
 //!   a build over `timeout`, whose `cancel` token fires, or superseded by a
 //!   newer build of the same Space, is stopped (the engine cancels a build
 //!   whose client goes away) and fails as `BUILD_ERROR`.
-//! * Secrets: the classic builder is used (see [`engine`] for why), so builds
-//!   receive variables only; Space secrets are injected at run time by the
-//!   operator. Their values, given in [`BuildRequest::redact`], are masked in
-//!   every log line and message anyway.
+//! * Secrets ([`BuildRequest::secrets`]): builds run on the engine's BuildKit
+//!   ([`buildkit`]), whose session answers them to `RUN --mount=type=secret,id=NAME`
+//!   steps (a docker Space's own Dockerfile; the generated Dockerfiles mount
+//!   them on their `pip install` steps as environment variables). They reach
+//!   no layer, image config or history, and their values are masked in every
+//!   log line and message. An engine without BuildKit builds classic, without
+//!   secrets, and the build log says so.
 
+pub mod buildkit;
 pub mod context;
 pub mod engine;
 pub mod key;
@@ -140,7 +145,10 @@ pub struct BuildRequest {
     pub spec: SpaceSpec,
     /// The Space's variables: build args of the image (and part of its key).
     pub variables: BTreeMap<String, String>,
-    /// Values never to show in logs or messages (the Space's secret values).
+    /// The Space's secrets (name -> value), offered to the build's secret
+    /// mounts; their values are never shown in logs or messages.
+    pub secrets: BuildSecrets,
+    /// More values never to show in logs or messages.
     pub redact: Vec<String>,
     /// Fires to stop the build (e.g. a newer revision arrived).
     pub cancel: CancellationToken,
@@ -155,6 +163,7 @@ impl BuildRequest {
             git_credentials: None,
             variables: spec.env.clone(),
             spec,
+            secrets: BuildSecrets::default(),
             redact: Vec::new(),
             cancel: CancellationToken::new(),
         }
@@ -163,6 +172,22 @@ impl BuildRequest {
     /// `owner/name`: the key of the Space's logs.
     pub fn space_id(&self) -> String {
         space_id(&self.namespace, &self.name)
+    }
+}
+
+/// Secret values by name; `Debug` shows the names only.
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct BuildSecrets(pub BTreeMap<String, String>);
+
+impl std::fmt::Debug for BuildSecrets {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_set().entries(self.0.keys()).finish()
+    }
+}
+
+impl FromIterator<(String, String)> for BuildSecrets {
+    fn from_iter<I: IntoIterator<Item = (String, String)>>(iter: I) -> Self {
+        Self(iter.into_iter().collect())
     }
 }
 
@@ -314,7 +339,8 @@ impl Builder {
     /// cancelled (its failure says so) and writes nothing more to the log.
     pub async fn build(&self, req: BuildRequest) -> Result<BuildOutput, BuildFailure> {
         let id = req.space_id();
-        let log = self.inner.logs.start(&id, LogKind::Build, req.redact.clone());
+        let redactions: Vec<String> = req.redact.iter().chain(req.secrets.0.values()).cloned().collect();
+        let log = self.inner.logs.start(&id, LogKind::Build, redactions.clone());
         let superseded = CancellationToken::new();
         let ticket = self.inner.tickets.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let previous = self.in_flight().insert(id.clone(), (ticket, superseded.clone()));
@@ -332,7 +358,7 @@ impl Builder {
         let result = result.map_err(|(kind, what, commit)| {
             log.line(&format!("[hangar] build failed: {what}"));
             let log_tail = log.tail(FAILURE_TAIL_LINES);
-            let mut message = redact(&what, &req.redact);
+            let mut message = redact(&what, &redactions);
             // The tail helps when the engine's message alone does not say why.
             if matches!(kind, FailureKind::Build) && !log_tail.is_empty() {
                 message.push_str("\n--- last build log lines ---\n");
@@ -413,6 +439,7 @@ impl Builder {
             python_base_image: cfg.python_base_image.clone(),
             static_server: cfg.static_server.clone(),
             extra_ca: self.inner.extra_ca.is_some(),
+            buildkit: self.inner.engine.buildkit().is_ok(),
         };
         let build_plan = plan::plan(&req.spec, &repo, &req.variables, &settings).map_err(|e| match e {
             PlanError::NoAppFile(m) => (FailureKind::NoAppFile, m),
@@ -445,6 +472,28 @@ impl Builder {
         }
 
         log(&format!("[hangar] building {repository}:{tag} (sdk {})", build_plan.app_config.sdk.as_str()));
+        // Only the secrets the plan offers (all of the Space's, with BuildKit) that have a value.
+        let offered: BTreeMap<String, String> = req
+            .secrets
+            .0
+            .iter()
+            .filter(|(k, _)| build_plan.secrets.contains(*k))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        match engine.buildkit() {
+            Ok(()) if !build_plan.secrets.is_empty() => {
+                let (with, without): (Vec<&str>, Vec<&str>) =
+                    build_plan.secrets.iter().map(String::as_str).partition(|n| offered.contains_key(*n));
+                log(&format!("[hangar] BuildKit: secrets for secret mounts: {}", with.join(", ")));
+                if !without.is_empty() {
+                    log(&format!("[hangar] secrets without a value (not offered): {}", without.join(", ")));
+                }
+            }
+            Ok(()) => {}
+            Err(why) => log(&format!(
+                "[hangar] the engine has no BuildKit ({why}): classic builder, secrets are not available at build time"
+            )),
+        }
         if let Some(d) = &build_plan.dockerfile {
             log("[hangar] generated Dockerfile:");
             for line in d.lines() {
@@ -468,7 +517,7 @@ impl Builder {
         .into();
         let full_tag = format!("{repository}:{tag}");
         let image_id = engine
-            .build(&tar, &build_plan.dockerfile_path, &full_tag, &build_args, &labels, log)
+            .build(&tar, &build_plan.dockerfile_path, &full_tag, &build_args, &labels, &offered, log)
             .await
             .map_err(|f| {
                 let msg = match f.step {

@@ -49,6 +49,9 @@ pub struct PlanSettings {
     /// Whether an extra CA bundle is put into the context at [`EXTRA_CA_PATH`]:
     /// generated images then trust it for pip (corporate TLS proxies).
     pub extra_ca: bool,
+    /// The engine builds with BuildKit: the Space's secrets are offered as
+    /// secret mounts (the classic builder has none, and rejects `--mount`).
+    pub buildkit: bool,
 }
 
 /// What the repository holds, as far as the plan cares.
@@ -77,6 +80,9 @@ pub struct BuildPlan {
     pub build_args: BTreeMap<String, String>,
     /// The base image (`FROM`) of a generated Dockerfile.
     pub base_image: Option<String>,
+    /// Names of the Space's secrets offered to the build as BuildKit secret
+    /// mounts (`RUN --mount=type=secret,id=NAME`); empty without BuildKit.
+    pub secrets: BTreeSet<String>,
 }
 
 /// Why a repository cannot be built; each maps onto a Space stage.
@@ -106,6 +112,13 @@ pub fn plan(
         }
     }
     let build_args = variables.clone();
+    let secrets: BTreeSet<String> =
+        if settings.buildkit { spec.secrets.iter().map(|s| s.name.clone()).collect() } else { BTreeSet::new() };
+    for name in &secrets {
+        if !is_env_name(name) {
+            return Err(PlanError::Config(format!("secret {name:?} is not a valid environment variable name")));
+        }
+    }
     match app_config.sdk {
         Sdk::Docker => {
             if !repo.files.contains("Dockerfile") {
@@ -120,6 +133,7 @@ pub fn plan(
                 dockerignore: None,
                 build_args,
                 base_image: None,
+                secrets,
             })
         }
         Sdk::Gradio | Sdk::Streamlit | Sdk::Static => {
@@ -133,7 +147,7 @@ pub fn plan(
             let (dockerfile, base_image) = if app_config.sdk == Sdk::Static {
                 static_dockerfile(&app_config, &app_file, settings)
             } else {
-                python_dockerfile(&app_config, &app_file, repo, &build_args, settings)
+                python_dockerfile(&app_config, &app_file, repo, &build_args, &secrets, settings)
             };
             let mut dockerignore = repo.dockerignore.clone().unwrap_or_default();
             if !dockerignore.is_empty() && !dockerignore.ends_with('\n') {
@@ -148,6 +162,7 @@ pub fn plan(
                 dockerignore: Some(dockerignore),
                 build_args,
                 base_image: Some(base_image),
+                secrets,
             })
         }
     }
@@ -210,11 +225,31 @@ fn ca_lines(settings: &PlanSettings) -> String {
     )
 }
 
+/// A `RUN` of `command` that sees the Space's secrets as environment
+/// variables (pip expands `${NAME}` in requirements files, e.g. a token in a
+/// private index URL), read from BuildKit secret mounts: the values live on a
+/// tmpfs for this one step and stay out of the layer, the history and the
+/// cache key. Engine 20.10's Dockerfile frontend has no `env=` mount option,
+/// hence the files under `/run/secrets`.
+fn run_with_secrets(secrets: &BTreeSet<String>, command: &str) -> String {
+    if secrets.is_empty() {
+        return format!("RUN {command}\n");
+    }
+    let mounts: Vec<String> = secrets.iter().map(|s| format!("--mount=type=secret,id={s}")).collect();
+    let names: Vec<&str> = secrets.iter().map(String::as_str).collect();
+    format!(
+        "RUN {} for s in {}; do if [ -f \"/run/secrets/$s\" ]; then export \"$s=$(cat \"/run/secrets/$s\")\"; fi; done; {command}\n",
+        mounts.join(" "),
+        names.join(" ")
+    )
+}
+
 fn python_dockerfile(
     cfg: &AppConfig,
     app_file: &str,
     repo: &RepoView,
     build_args: &BTreeMap<String, String>,
+    secrets: &BTreeSet<String>,
     settings: &PlanSettings,
 ) -> (String, String) {
     let base = python_base(settings, &cfg.python_version);
@@ -246,10 +281,10 @@ fn python_dockerfile(
              && rm -rf /var/lib/apt/lists/*\n",
         );
     }
-    d.push_str(&format!("RUN python3 -m pip install {}\n", shell_quote(&requirement)));
+    d.push_str(&run_with_secrets(secrets, &format!("python3 -m pip install {}", shell_quote(&requirement))));
     if repo.files.contains("requirements.txt") {
         d.push_str("COPY requirements.txt /tmp/hangar-requirements.txt\n");
-        d.push_str("RUN python3 -m pip install -r /tmp/hangar-requirements.txt\n");
+        d.push_str(&run_with_secrets(secrets, "python3 -m pip install -r /tmp/hangar-requirements.txt"));
     }
     // The hub runs apps as uid 1000 with a writable home.
     d.push_str(&format!(
@@ -328,6 +363,7 @@ mod tests {
             python_base_image: "python:{python_version}-slim".into(),
             static_server: StaticServer::busybox("hangar/static:1"),
             extra_ca,
+            buildkit: true,
         }
     }
 
@@ -468,6 +504,34 @@ mod tests {
         let r = repo("---\nsdk: gradio\npython_version: '3.12'\n---\n", &["app.py"]);
         let p = plan(&spec(), &r, &BTreeMap::new(), &s).expect("plan");
         assert_eq!(p.base_image.as_deref(), Some("hangar/python:3.11"));
+    }
+
+    #[test]
+    fn secrets_are_mounted_on_the_pip_steps_only_with_buildkit() {
+        use crate::space::{SecretKeyRef, SpaceSecret};
+        let secret = |name: &str| SpaceSecret {
+            name: name.into(),
+            secret_key_ref: SecretKeyRef { name: "s".into(), key: "k".into() },
+        };
+        let sp = SpaceSpec { secrets: vec![secret("PIP_TOKEN"), secret("HF_TOKEN")], ..spec() };
+        let r = repo("---\nsdk: streamlit\nsdk_version: 1.40.0\n---\n", &["app.py", "requirements.txt"]);
+        let p = plan(&sp, &r, &BTreeMap::new(), &settings(false)).expect("plan");
+        let d = p.dockerfile.as_deref().expect("generated");
+        let mount = "RUN --mount=type=secret,id=HF_TOKEN --mount=type=secret,id=PIP_TOKEN \
+                     for s in HF_TOKEN PIP_TOKEN; do if [ -f \"/run/secrets/$s\" ]; \
+                     then export \"$s=$(cat \"/run/secrets/$s\")\"; fi; done; ";
+        assert!(d.contains(&format!("{mount}python3 -m pip install streamlit==1.40.0\n")), "{d}");
+        assert!(d.contains(&format!("{mount}python3 -m pip install -r /tmp/hangar-requirements.txt\n")), "{d}");
+        assert_eq!(d.matches("--mount=type=secret,id=PIP_TOKEN").count(), 2, "only the two pip steps: {d}");
+        assert_eq!(p.secrets, ["HF_TOKEN".to_owned(), "PIP_TOKEN".to_owned()].into());
+        // The classic builder rejects `--mount`: no mounts, nothing offered.
+        let classic = PlanSettings { buildkit: false, ..settings(false) };
+        let p = plan(&sp, &r, &BTreeMap::new(), &classic).expect("plan");
+        assert!(!p.dockerfile.as_deref().expect("generated").contains("--mount"));
+        assert!(p.secrets.is_empty());
+        // A docker Space's own Dockerfile mounts what it wants; the plan offers all.
+        let d = repo("---\nsdk: docker\n---\n", &["Dockerfile"]);
+        assert_eq!(plan(&sp, &d, &BTreeMap::new(), &settings(false)).expect("plan").secrets.len(), 2);
     }
 
     #[test]

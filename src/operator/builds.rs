@@ -18,7 +18,7 @@ use sha2::{Digest, Sha256};
 use tokio::sync::mpsc::UnboundedSender;
 use tokio_util::sync::CancellationToken;
 
-use crate::builder::{BuildFailure, BuildOutput, BuildRequest, Builder, GitCredentials};
+use crate::builder::{BuildFailure, BuildOutput, BuildRequest, BuildSecrets, Builder, GitCredentials};
 use crate::space::naming::HEAD_SHA_ANNOTATION;
 use crate::space::{BuildStatus, Space};
 
@@ -34,7 +34,9 @@ fn wanted(space: &Space) -> String {
         spec.python_version,
         spec.app_file,
         spec.app_port,
-        spec.env
+        spec.env,
+        // Secret refs (not values): the build offers them to secret mounts.
+        spec.secrets
     ]);
     hex::encode(Sha256::digest(inputs.to_string().as_bytes()))
 }
@@ -153,6 +155,7 @@ impl Builds {
                     Err(e) => tracing::warn!(space = %key, error = %e, "could not read git credentials"),
                 }
             }
+            request.secrets = this.secret_values(&request.namespace, &request.spec.secrets).await;
             tracing::info!(space = %key, revision = %request.source.revision, "build started");
             let result = builder.build(request).await;
             match &result {
@@ -187,6 +190,35 @@ impl Builds {
             }
             _ => None,
         })
+    }
+
+    /// The values of the Space's secrets that can be read now, for the
+    /// build's secret mounts (one missing is left out; the build log lists
+    /// what is offered, and the pod itself waits for it at run time).
+    async fn secret_values(&self, namespace: &str, refs: &[crate::space::SpaceSecret]) -> BuildSecrets {
+        let api: Api<Secret> = Api::namespaced(self.client.clone(), namespace);
+        let mut read: HashMap<String, Option<Secret>> = HashMap::new();
+        let mut values = BuildSecrets::default();
+        for r in refs {
+            let name = &r.secret_key_ref.name;
+            if !read.contains_key(name) {
+                let got = api.get_opt(name).await.unwrap_or_else(|e| {
+                    tracing::warn!(namespace, secret = %name, error = %e, "could not read a Space secret for its build");
+                    None
+                });
+                read.insert(name.clone(), got);
+            }
+            let value = read
+                .get(name)
+                .and_then(Option::as_ref)
+                .and_then(|s| s.data.as_ref())
+                .and_then(|d| d.get(&r.secret_key_ref.key))
+                .and_then(|v| String::from_utf8(v.0.clone()).ok());
+            if let Some(value) = value {
+                values.0.insert(r.name.clone(), value);
+            }
+        }
+        values
     }
 
     /// The last image built successfully for the Space, if any.
