@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use hangar::space::naming::{self, HEAD_SHA_ANNOTATION};
 use hangar::space::{GitSource, Space, SpaceSpec, Stage};
-use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::api::core::v1::{Pod, Secret};
 use kube::api::{ListParams, Patch, PatchParams, PostParams};
 use kube::{Api, ResourceExt};
 use serde_json::json;
@@ -167,4 +167,107 @@ async fn broken_repositories_end_in_a_status_that_says_why() {
     let message = noapp.status.clone().and_then(|s| s.message).expect("message");
     assert!(message.contains("missing.py"), "{message}");
     assert!(noapp.annotations().get(HEAD_SHA_ANNOTATION).is_none());
+}
+
+/// Reads `url`'s SSE stream until `done` holds for the events' `data` so far;
+/// every event must be `data: {"data": ..., "timestamp": ...}`.
+async fn sse_until(url: &str, timeout: Duration, done: impl Fn(&[String]) -> bool) -> Vec<String> {
+    let http = http_client();
+    let mut resp = wait_for(&format!("{url} to answer"), Duration::from_secs(60), || async {
+        let resp = http.get(url).send().await?;
+        Ok((resp.status() == 200).then_some(resp))
+    })
+    .await;
+    assert_eq!(resp.headers()["content-type"], "text/event-stream");
+    let mut text = String::new();
+    let mut data = Vec::new();
+    let deadline = tokio::time::Instant::now() + timeout;
+    while !done(&data) {
+        let chunk = tokio::time::timeout_at(deadline, resp.chunk())
+            .await
+            .unwrap_or_else(|_| panic!("{url}: no matching lines within {timeout:?}: {data:?}"))
+            .expect("read the stream")
+            .unwrap_or_else(|| panic!("{url}: the stream ended: {data:?}"));
+        text.push_str(&String::from_utf8_lossy(&chunk));
+        while let Some(end) = text.find("\n\n") {
+            let event: String = text.drain(..end + 2).collect();
+            for payload in event.lines().filter_map(|l| l.strip_prefix("data: ")) {
+                let v: serde_json::Value = serde_json::from_str(payload).expect("each event is JSON");
+                let ts = v["timestamp"].as_str().expect("timestamp");
+                assert!(ts.parse::<k8s_openapi::jiff::Timestamp>().is_ok(), "RFC 3339: {ts}");
+                data.push(v["data"].as_str().expect("data").to_owned());
+            }
+        }
+    }
+    data
+}
+
+#[tokio::test]
+async fn build_secrets_stay_out_of_status_events_and_logs_and_run_logs_stream_from_the_pod() {
+    let (ns, operator) = setup("op-runlogs").await;
+    let secret = format!("s3cr3t-{}", support::unique_name("v"));
+    let secrets: Api<Secret> = ns.api();
+    let mut data = std::collections::BTreeMap::new();
+    data.insert("token".to_owned(), secret.clone());
+    let object = Secret {
+        metadata: kube::api::ObjectMeta { name: Some("app-secrets".into()), ..Default::default() },
+        string_data: Some(data),
+        ..Default::default()
+    };
+    secrets.create(&PostParams::default(), &object).await.expect("create Secret");
+
+    // The docker fixture plus a build step that needs the secret, prints it and keeps its hash.
+    let repo = fixture_repo("docker", &support::unique_name("m"));
+    let dockerfile = std::fs::read_to_string(repo.path().join("Dockerfile")).expect("Dockerfile");
+    let step = "RUN --mount=type=secret,id=API_TOKEN test -s /run/secrets/API_TOKEN \
+        && echo \"token: $(cat /run/secrets/API_TOKEN)\" \
+        && sha256sum /run/secrets/API_TOKEN | cut -d' ' -f1 > secret.sha256\n";
+    commit_file(repo.path(), "Dockerfile", &dockerfile.replacen("USER 1000\n", &format!("{step}USER 1000\n"), 1));
+    let mut space = source_space("app", repo.path(), &[("BASE_IMAGE", &ns.env.python_image)]);
+    space.spec.secrets = vec![
+        serde_json::from_value(json!({"name": "API_TOKEN", "secretKeyRef": {"name": "app-secrets", "key": "token"}}))
+            .expect("secret ref"),
+    ];
+    let spaces: Api<Space> = ns.api();
+    spaces.create(&PostParams::default(), &space).await.expect("create space");
+    let running = wait_stage(&spaces, "app", Stage::Running, Duration::from_secs(300)).await;
+    let image = running.status.clone().and_then(|s| s.image).expect("status.image");
+    // Each GET makes the app log a request line (http.server logs to stderr).
+    answer(&ns, "app", &image).await;
+
+    // Run logs: the pod's output, as the hub's SSE events, from the operator.
+    let base = format!("http://{}/api/spaces/{}/app/logs", operator.http, ns.name);
+    let run = sse_until(&format!("{base}/run"), Duration::from_secs(60), |lines| {
+        lines.iter().any(|l| l == "listening on 0.0.0.0:7860")
+            && lines.iter().any(|l| l.contains("\"GET / HTTP/1.1\" 200"))
+    })
+    .await;
+    assert!(!run.iter().any(|l| l.contains(&secret)), "{run:?}");
+
+    // The build got the secret (the step ran), and it is nowhere to be read.
+    let build = sse_until(&format!("{base}/build"), Duration::from_secs(10), |lines| {
+        lines.iter().any(|l| l.contains("[hangar] pushed"))
+    })
+    .await;
+    assert!(build.iter().any(|l| l.ends_with("token: ***")), "the printed secret is masked: {build:?}");
+    assert!(!build.iter().any(|l| l.contains(&secret)), "secret in the build log");
+    let space = spaces.get("app").await.expect("space");
+    let status = serde_json::to_string(&space.status).expect("status");
+    assert!(!status.contains(&secret), "secret in the status: {status}");
+    let events: Api<k8s_openapi::api::events::v1::Event> = ns.api();
+    let events =
+        serde_json::to_string(&events.list(&ListParams::default()).await.expect("events").items).expect("json");
+    assert!(events.contains("app"), "the Space has events: {events}");
+    assert!(!events.contains(&secret), "secret in an Event");
+    let saved = ns.env.docker().args(["save", &image]).output().expect("docker save");
+    assert!(saved.status.success(), "{}", String::from_utf8_lossy(&saved.stderr));
+    assert!(!saved.stdout.windows(secret.len()).any(|w| w == secret.as_bytes()), "secret in the pushed image");
+
+    // A deleted Space's logs go: a live reader of its run log sees the stream end.
+    let http = http_client();
+    let mut reader = http.get(format!("{base}/run")).send().await.expect("GET run");
+    spaces.delete("app", &Default::default()).await.expect("delete");
+    let ended =
+        tokio::time::timeout(Duration::from_secs(60), async { while let Ok(Some(_)) = reader.chunk().await {} }).await;
+    assert!(ended.is_ok(), "the run log stream of a deleted Space ends");
 }

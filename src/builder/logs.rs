@@ -179,6 +179,13 @@ impl LogStore {
         }
     }
 
+    /// Drops both logs of a Space (it was deleted): live readers end.
+    pub fn remove(&self, space: &str) {
+        let mut logs = self.lock();
+        logs.remove(&(space.to_owned(), LogKind::Build));
+        logs.remove(&(space.to_owned(), LogKind::Run));
+    }
+
     /// The last `n` lines (for a failure message or a status tail).
     pub fn tail(&self, space: &str, kind: LogKind, n: usize) -> Vec<String> {
         let logs = self.lock();

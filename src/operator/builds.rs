@@ -227,9 +227,12 @@ impl Builds {
         self.last_success.lock().ok()?.get(&key).cloned()
     }
 
-    /// Forgets a deleted Space (and stops its build).
+    /// Forgets a deleted Space (stops its build, drops its build and run logs).
     pub fn forget(&self, namespace: &str, name: &str) {
         let key = format!("{namespace}/{name}");
+        if let Some(builder) = &self.builder {
+            builder.logs().remove(&crate::space::naming::space_id(namespace, name));
+        }
         if let Ok(mut last) = self.last_success.lock() {
             last.remove(&key);
         }

@@ -6,6 +6,7 @@ pub mod metrics;
 pub mod placement;
 pub mod reconcile;
 pub mod render;
+pub mod run_logs;
 pub mod sleep;
 pub mod status;
 
@@ -178,6 +179,8 @@ pub async fn run(args: OperatorArgs) -> crate::Result<()> {
         tracing::info!(identity = %args.identity, "leading");
     }
     ready.store(true, Ordering::Relaxed);
+    // The app's own output for `.../logs/run`, next to the build logs.
+    let _run_logs = builds.builder().map(|b| run_logs::spawn(client.clone(), args.namespace.clone(), b.logs().clone()));
 
     let reporter = Reporter { controller: "hangar-operator".into(), instance: Some(args.identity.clone()) };
     let recorder = Recorder::new(client.clone(), reporter);

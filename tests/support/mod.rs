@@ -12,7 +12,6 @@
 #![allow(dead_code)]
 
 pub mod operator;
-pub mod process;
 pub mod repo;
 
 use std::future::Future;
