@@ -34,6 +34,9 @@ pub enum Command {
     /// Run the hub webhook receiver: a push to a Space's repository rebuilds
     /// and redeploys it.
     Webhook(crate::webhook::WebhookArgs),
+    /// Run the node agent (a DaemonSet): freezes and thaws the Space pods of
+    /// its node through their cgroups, and thaws them on the proxy's request.
+    NodeAgent(crate::node_agent::NodeAgentArgs),
     /// Local mode: build and run the Spaces of a folder on this machine's
     /// Docker engine, served through the proxy; no cluster needed.
     Up(crate::local::UpArgs),
@@ -77,6 +80,7 @@ fn run(command: Command) -> crate::Result<()> {
         Command::Operator(args) => tokio_runtime()?.block_on(crate::operator::run(args)),
         Command::Proxy(args) => tokio::runtime::Runtime::new()?.block_on(crate::proxy::cli_run(args)),
         Command::Webhook(args) => tokio::runtime::Runtime::new()?.block_on(crate::webhook::serve(args)),
+        Command::NodeAgent(args) => tokio_runtime()?.block_on(crate::node_agent::run(args)),
         Command::Up(args) => tokio_runtime()?.block_on(crate::local::run(args)),
         Command::Ls(args) => crate::local::ls(&args),
     }

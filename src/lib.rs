@@ -6,6 +6,7 @@ pub mod builder;
 pub mod cli;
 pub mod error;
 pub mod local;
+pub mod node_agent;
 pub mod operator;
 pub mod proxy;
 pub mod runtime;

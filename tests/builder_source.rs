@@ -3,7 +3,6 @@
 
 mod support;
 
-use std::process::Command;
 
 use hangar::builder::source::{checkout, read_repo};
 use support::repo::git;
@@ -88,60 +87,12 @@ async fn unknown_revisions_and_remotes_fail_with_the_reason() {
     assert!(!err.0.contains("hunter2"), "{err}");
 }
 
-/// Serves the bare repository `root` over dumb HTTP on loopback, behind Basic auth.
-async fn serve_dumb_http(root: std::path::PathBuf, user_pass: &'static str) -> String {
-    use axum::extract::{Path as UrlPath, State};
-    use axum::http::{HeaderMap, StatusCode, header};
-    use axum::response::IntoResponse;
-    use base64::Engine as _;
-    let expected = format!("Basic {}", base64::engine::general_purpose::STANDARD.encode(user_pass));
-    let app = axum::Router::new()
-        .route(
-            "/repo.git/{*path}",
-            axum::routing::get(
-                |State((root, expected)): State<(std::path::PathBuf, String)>,
-                 UrlPath(path): UrlPath<String>,
-                 headers: HeaderMap| async move {
-                    let authorized =
-                        headers.get(header::AUTHORIZATION).is_some_and(|v| v.as_bytes() == expected.as_bytes());
-                    if !authorized {
-                        return (
-                            StatusCode::UNAUTHORIZED,
-                            [(header::WWW_AUTHENTICATE, "Basic realm=\"git\"")],
-                            Vec::new(),
-                        )
-                            .into_response();
-                    }
-                    if path.split('/').any(|p| p == "..") {
-                        return StatusCode::BAD_REQUEST.into_response();
-                    }
-                    match std::fs::read(root.join(&path)) {
-                        Ok(bytes) => bytes.into_response(),
-                        Err(_) => StatusCode::NOT_FOUND.into_response(),
-                    }
-                },
-            ),
-        )
-        .with_state((root, expected));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let url = format!("http://{}/repo.git", listener.local_addr().expect("addr"));
-    tokio::spawn(async move { axum::serve(listener, app).await });
-    url
-}
-
 #[tokio::test]
 async fn private_repositories_over_http_use_the_credentials_and_never_show_them() {
     let (dir, shas, _) = repo();
     let bare = tempfile::tempdir().expect("tempdir");
-    let out = Command::new("git")
-        .args(["clone", "-q", "--bare"])
-        .arg(dir.path())
-        .arg(bare.path().join("repo.git"))
-        .output()
-        .expect("git clone");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    git(&bare.path().join("repo.git"), &["update-server-info"]);
-    let url = serve_dumb_http(bare.path().join("repo.git"), "bob:hunter2").await;
+    support::repo::bare_clone(dir.path(), &bare.path().join("repo.git"));
+    let url = format!("{}/repo.git", support::repo::serve_dumb_http(bare.path().to_owned(), Some("bob:hunter2")).await);
 
     let work = tempfile::tempdir().expect("tempdir");
     let good = hangar::builder::GitCredentials { username: "bob".into(), password: "hunter2".into() };

@@ -12,7 +12,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use support::{TestEnv, run_ok, unique_name};
 
@@ -71,6 +71,17 @@ impl Up {
             if let Some(l) = self.lines.lock().expect("lines").iter().find(|l| pred(l)) {
                 return l.clone();
             }
+            if start.elapsed() > timeout {
+                panic!("timed out after {timeout:?} waiting for {what}\n{}", self.output());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Waits until `n` printed lines match `pred`.
+    fn wait_count(&self, what: &str, n: usize, timeout: Duration, pred: impl Fn(&str) -> bool) {
+        let start = Instant::now();
+        while self.count(&pred) < n {
             if start.elapsed() > timeout {
                 panic!("timed out after {timeout:?} waiting for {what}\n{}", self.output());
             }
@@ -419,4 +430,205 @@ fn without_docker_it_says_why() {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("Docker") && err.contains("scripts/up"), "{err}");
+}
+
+/// A copy of the echo example as Space `name`, with the given freeze and sleep times.
+fn napping_echo(dir: &Path, name: &str, freeze_after: &str, sleep_after: &str) {
+    copy_dir(&examples().join("echo"), &dir.join(name));
+    // http.server listens with a backlog of 5: a burst of 50 connections would
+    // wait out SYN retries (seconds) whether or not the app was ever frozen.
+    let app = dir.join(name).join("app.py");
+    let text = std::fs::read_to_string(&app).expect("app.py");
+    let text = text.replace(
+        "if __name__ == \"__main__\":",
+        "http.server.ThreadingHTTPServer.request_queue_size = 128\n\nif __name__ == \"__main__\":",
+    );
+    assert!(text.contains("request_queue_size"), "the echo example changed: {text}");
+    std::fs::write(&app, text).expect("app.py");
+    std::fs::write(
+        dir.join(name).join("space.yaml"),
+        format!(
+            "apiVersion: hangar.dev/v1alpha1\nkind: Space\nmetadata:\n  name: {name}\nspec:\n  \
+             freezeAfter: {freeze_after}\n  sleepAfter: {sleep_after}\n  env:\n    GREETING: brr\n"
+        ),
+    )
+    .expect("manifest");
+}
+
+/// `(running, paused)` of a container, as the Docker API reports its state.
+async fn docker_state(env: &TestEnv, name: &str) -> (bool, bool) {
+    let docker = bollard::Docker::connect_with_unix(
+        env.docker_host.trim_start_matches("unix://"),
+        60,
+        bollard::API_DEFAULT_VERSION,
+    )
+    .expect("docker client")
+    .negotiate_version()
+    .await
+    .expect("docker API version");
+    let c = docker.inspect_container(name, None).await.expect("inspect");
+    let state = c.state.expect("state");
+    (state.running.unwrap_or(false), state.paused.unwrap_or(false))
+}
+
+/// How many times the engine unpaused `name` since `since` (its event log).
+fn unpauses_since(env: &TestEnv, name: &str, since: SystemTime) -> usize {
+    let since = since.duration_since(UNIX_EPOCH).expect("clock").as_secs_f64() - 1.0;
+    let until = SystemTime::now().duration_since(UNIX_EPOCH).expect("clock").as_secs_f64() + 1.0;
+    let out = run_ok(env.docker().args([
+        "events",
+        "--since",
+        &format!("{since:.3}"),
+        "--until",
+        &format!("{until:.3}"),
+        "--filter",
+        &format!("container={name}"),
+        "--filter",
+        "event=unpause",
+        "--format",
+        "{{.Action}}",
+    ]));
+    out.lines().filter(|l| l.trim() == "unpause").count()
+}
+
+/// Two-tier sleep: idle past `freezeAfter` the container is paused (the Docker
+/// API says so) and `hangar ls` shows the tier; 50 concurrent requests thaw it
+/// with exactly one unpause and are all answered; idle past `sleepAfter` it is
+/// stopped and wakes by the ordinary path; Ctrl-C while frozen stops it cleanly.
+#[tokio::test(flavor = "multi_thread")]
+async fn freezes_when_idle_thaws_once_for_many_and_stops_later() {
+    let env = TestEnv::engine();
+    let owner = unique_name("fz");
+    let containers = Containers { env: env.clone(), owner: owner.clone() };
+    let dir = tempfile::tempdir().expect("dir");
+    let state = tempfile::tempdir().expect("state dir");
+    napping_echo(dir.path(), "ice", "2s", "10s");
+    let id = format!("{owner}/ice");
+    let name = format!("hangar_{owner}_ice");
+    let frozen_line = format!("{id}: SLEEPING (idle; container frozen");
+
+    let mut up = Up::start(&env, dir.path(), &owner, state.path());
+    let url = up.urls().pop().map(|(_, u)| u).unwrap_or_else(|| panic!("no URL\n{}", up.output()));
+    let client = up.client(&[host_of(&url)]);
+    up.wait_line("RUNNING", Duration::from_secs(300), |l| l.starts_with(&format!("{id}: RUNNING")));
+    assert_eq!(client.get(&url).send().await.expect("answers").status(), 200);
+
+    // Idle for 2 s: frozen in place.
+    up.wait_line("frozen", Duration::from_secs(30), |l| l.starts_with(&frozen_line));
+    assert_eq!(docker_state(&env, &name).await, (true, true), "a frozen Space's container is paused");
+    let ls = hangar_ls(state.path());
+    assert!(ls.lines().any(|l| l.starts_with(&id) && l.contains("SLEEPING") && l.contains("frozen (")), "{ls}");
+
+    // 50 requests at once: one thaw, all answered.
+    let since = SystemTime::now();
+    let t = Instant::now();
+    let requests = (0..50).map(|_| {
+        let (client, url) = (client.clone(), url.clone());
+        tokio::spawn(async move {
+            let resp = client.get(&url).send().await.expect("answered");
+            (resp.status().as_u16(), resp.text().await.expect("body"))
+        })
+    });
+    for r in futures::future::join_all(requests).await {
+        let (status, body) = r.expect("task");
+        assert_eq!(status, 200, "{body}");
+        assert!(body.contains("brr"), "{body}");
+    }
+    eprintln!("50 requests to a frozen Space, all answered in {:?}", t.elapsed());
+    assert_eq!(docker_state(&env, &name).await, (true, false), "thawed");
+    assert_eq!(up.count(|l| l.starts_with(&format!("{id}: RUNNING (thawed"))), 1, "one thaw\n{}", up.output());
+    assert_eq!(unpauses_since(&env, &name, since), 1, "exactly one unpause for 50 requests");
+    let metrics = client.get(format!("http://{}/metrics", up.addr)).send().await.expect("metrics");
+    let metrics = metrics.text().await.expect("metrics text");
+    let wakes: Vec<&str> = metrics
+        .lines()
+        .filter(|l| l.starts_with("hangar_proxy_wakes_total{") && l.contains(&format!(r#"namespace="{owner}""#)))
+        .collect();
+    assert_eq!(wakes.len(), 1, "one wake series:\n{metrics}");
+    assert!(wakes[0].ends_with(" 1"), "one wake:\n{metrics}");
+
+    // Frozen again, then idle past 10 s: stopped; the next request wakes it the ordinary way.
+    up.wait_line("stopped", Duration::from_secs(40), |l| {
+        l.starts_with(&format!("{id}: SLEEPING (idle; container stopped"))
+    });
+    assert_eq!(up.count(|l| l.starts_with(&frozen_line)), 2, "frozen before stopped\n{}", up.output());
+    assert_eq!(docker_state(&env, &name).await, (false, false), "a stopped Space's container is not running");
+    let ls = hangar_ls(state.path());
+    assert!(ls.lines().any(|l| l.starts_with(&id) && l.contains("SLEEPING") && l.contains("stopped")), "{ls}");
+    let resp = client.get(&url).send().await.expect("woken and answered");
+    assert_eq!(resp.status(), 200);
+    assert_eq!(up.count(|l| l.starts_with(&format!("{id}: waking"))), 1, "{}", up.output());
+    assert_eq!(up.count(|l| l.starts_with(&format!("{id}: RUNNING (woke in"))), 1, "{}", up.output());
+    assert_eq!(containers.list().len(), 1, "one container throughout");
+
+    // Ctrl-C while frozen: thawed, then stopped at once (a frozen app cannot take SIGTERM).
+    up.wait_count("frozen a third time", 3, Duration::from_secs(30), |l| l.starts_with(&frozen_line));
+    let t = Instant::now();
+    up.signal("-INT");
+    assert!(up.wait_exit(Duration::from_secs(60)).success(), "{}", up.output());
+    assert!(t.elapsed() < Duration::from_secs(8), "stopping a frozen Space took {:?}", t.elapsed());
+    assert_eq!(docker_state(&env, &name).await, (false, false));
+}
+
+/// A `hangar up` killed while a Space is frozen: the container stays paused,
+/// the next `hangar up` adopts it (no duplicate) and a request thaws it; and
+/// without traffic a frozen container adopted after a crash is still stopped
+/// once idle past `sleepAfter` (even with the state file gone): nothing stays frozen.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_restarted_up_thaws_its_frozen_container_and_stops_it_in_time() {
+    let env = TestEnv::engine();
+    let owner = unique_name("fr");
+    let containers = Containers { env: env.clone(), owner: owner.clone() };
+    let dir = tempfile::tempdir().expect("dir");
+    let state = tempfile::tempdir().expect("state dir");
+    napping_echo(dir.path(), "berg", "2s", "12s");
+    let id = format!("{owner}/berg");
+    let name = format!("hangar_{owner}_berg");
+    let frozen_line = format!("{id}: SLEEPING (idle; container frozen");
+
+    let mut up = Up::start(&env, dir.path(), &owner, state.path());
+    let url = up.urls().pop().map(|(_, u)| u).unwrap_or_else(|| panic!("no URL\n{}", up.output()));
+    up.wait_line("RUNNING", Duration::from_secs(300), |l| l.starts_with(&format!("{id}: RUNNING")));
+    assert_eq!(up.client(&[host_of(&url)]).get(&url).send().await.expect("answers").status(), 200);
+    up.wait_line("frozen", Duration::from_secs(30), |l| l.starts_with(&frozen_line));
+    let first_id = containers.id(&name);
+    up.signal("-KILL");
+    up.wait_exit(Duration::from_secs(10));
+    assert_eq!(docker_state(&env, &name).await, (true, true), "the container stays frozen without hangar up");
+
+    // Restarted: adopted frozen, and a request thaws it.
+    let mut up = Up::start(&env, dir.path(), &owner, state.path());
+    up.wait_line("adopted frozen", Duration::from_secs(120), |l| {
+        l.starts_with(&format!("{id}: SLEEPING (frozen container adopted"))
+    });
+    assert_eq!(up.count(|l| l.contains("adopted its frozen container")), 1, "{}", up.output());
+    assert_eq!(docker_state(&env, &name).await, (true, true), "adopted as it is: still frozen");
+    let client = up.client(&[host_of(&url)]);
+    let url = up.urls().pop().map(|(_, u)| u).expect("URL");
+    let resp = client.get(&url).send().await.expect("thawed and answered");
+    assert_eq!(resp.status(), 200);
+    assert_eq!(up.count(|l| l.starts_with(&format!("{id}: RUNNING (thawed"))), 1, "{}", up.output());
+    assert_eq!(docker_state(&env, &name).await, (true, false));
+    assert_eq!(containers.list().len(), 1, "no duplicate");
+    assert_eq!(containers.id(&name), first_id, "the same container");
+
+    // Frozen again, killed again, and the state file lost: the next hangar up
+    // sees no traffic and still stops the container by sleepAfter.
+    up.wait_line("frozen", Duration::from_secs(30), |l| l.starts_with(&frozen_line));
+    up.signal("-KILL");
+    up.wait_exit(Duration::from_secs(10));
+    std::fs::remove_file(state.path().join("up.json")).expect("state file");
+    let t = Instant::now();
+    let mut up = Up::start(&env, dir.path(), &owner, state.path());
+    up.wait_line("adopted frozen", Duration::from_secs(120), |l| {
+        l.starts_with(&format!("{id}: SLEEPING (frozen container adopted"))
+    });
+    up.wait_line("stopped", Duration::from_secs(40), |l| {
+        l.starts_with(&format!("{id}: SLEEPING (idle; container stopped"))
+    });
+    eprintln!("an adopted frozen container without a record was stopped after {:?}", t.elapsed());
+    assert_eq!(docker_state(&env, &name).await, (false, false), "stopped, not left frozen");
+    assert_eq!(up.count(|l| l.contains("thawed")), 0, "no traffic, no thaw\n{}", up.output());
+    up.signal("-INT");
+    assert!(up.wait_exit(Duration::from_secs(60)).success(), "{}", up.output());
 }

@@ -327,8 +327,11 @@ async fn hundred_concurrent_requests_to_a_sleeping_space_cause_one_wake() {
     assert_eq!(starts.load(Ordering::SeqCst), 1, "exactly one wake");
     assert_eq!(source.wakes(&key("alice", "sleepy")), 1);
     let m = p.metrics_text();
-    assert!(m.contains(r#"hangar_proxy_wakes_total{namespace="alice",space="sleepy"} 1"#), "{m}");
-    assert!(m.contains(r#"hangar_proxy_wake_duration_seconds_count{namespace="alice",space="sleepy"} 1"#), "{m}");
+    assert!(m.contains(r#"hangar_proxy_wakes_total{namespace="alice",space="sleepy",tier="stopped"} 1"#), "{m}");
+    assert!(
+        m.contains(r#"hangar_proxy_wake_duration_seconds_count{namespace="alice",space="sleepy",tier="stopped"} 1"#),
+        "{m}"
+    );
     assert!(m.contains(r#"hangar_proxy_held_requests{namespace="alice",space="sleepy"} 0"#), "{m}");
     p.shutdown().await.expect("clean shutdown");
 }

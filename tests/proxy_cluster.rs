@@ -231,7 +231,7 @@ async fn kubernetes_source_routes_wakes_through_the_lease_and_checks_tokens() {
         assert_eq!((status, uri), (200, json!(format!("/held/{i}"))), "held request {i}");
     }
     let metrics = proxy.metrics_text();
-    let wakes = format!(r#"hangar_proxy_wakes_total{{namespace="{}",space="demo"}} 1"#, ns.name);
+    let wakes = format!(r#"hangar_proxy_wakes_total{{namespace="{}",space="demo",tier="stopped"}} 1"#, ns.name);
     assert!(metrics.contains(&wakes), "exactly one wake for 30 requests:\n{metrics}");
 
     // Private Space: token from the watched Secret.

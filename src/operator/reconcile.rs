@@ -38,6 +38,8 @@ pub struct OperatorConfig {
     /// Scheme of the status URL (`https` behind a TLS ingress).
     pub url_scheme: String,
     pub mapping: HardwareMapping,
+    /// Default freeze times per flavor kind (the frozen sleep tier).
+    pub sleep_policy: crate::space::SleepPolicy,
 }
 
 /// What every reconciliation shares.
@@ -183,10 +185,12 @@ async fn reconcile_inner(space: &Space, ctx: &Context) -> Result<Action> {
     // Load and validate.
     let lease = ensure_lease(&leases, space, now).await?;
     let Runnable { config, image, build, record } = runnable(space, &ctx.builds);
-    let sleep_after = config.as_ref().and_then(|c| c.as_ref().ok()).and_then(|c| c.sleep_after);
-    let decision = sleep::decide(sleep::last_activity(&lease), sleep_after, now);
+    let sleep_times = config.as_ref().and_then(|c| c.as_ref().ok()).map(|c| ctx.config.sleep_policy.for_config(c));
+    let decision = sleep::decide_tier(sleep::last_activity(&lease), sleep_times, now);
     let runnable = matches!(config, Some(Ok(_))) && image.is_some() && !space.spec.paused;
-    let replicas = i32::from(runnable && !decision.asleep);
+    let replicas = i32::from(runnable && !decision.stopped());
+    // Frozen: the pods stay, their node agents freeze them on this decision.
+    let freeze_decision = decision.freeze_decision().filter(|_| runnable);
 
     // Render and apply.
     let workload = naming::workload_name(&name);
@@ -218,12 +222,14 @@ async fn reconcile_inner(space: &Space, ctx: &Context) -> Result<Action> {
 
     // Status from the facts.
     let pod_list = pods.list(&ListParams::default().labels(&format!("{SPACE_LABEL}={name}"))).await?.items;
+    sleep::record_decision(&ctx.client, &namespace, &pod_list, freeze_decision).await?;
     let url = format!("{}://{}/", ctx.config.url_scheme, naming::host(&namespace, &name, &ctx.config.domain));
     let desired = status::derive(&Facts {
         generation: space.meta().generation,
         config_error: config.as_ref().and_then(|c| c.as_ref().err()).cloned(),
         paused: space.spec.paused,
-        asleep: decision.asleep,
+        asleep: decision.stopped(),
+        sleep: if runnable { sleep::status(&decision, &pod_list) } else { None },
         build,
         image,
         hardware_requested: &space.spec.hardware,

@@ -1,9 +1,19 @@
-//! Sleep and wake from the activity Lease: pure decisions on timestamps.
+//! Sleep and wake from the activity Lease: pure decisions on timestamps,
+//! and the freeze decision recorded on the Space's pods for the node agents.
 
 use std::time::Duration;
 
 use k8s_openapi::api::coordination::v1::Lease;
-use k8s_openapi::jiff::Timestamp;
+use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use k8s_openapi::jiff::{SignedDuration, Timestamp};
+use kube::api::{Patch, PatchParams};
+use kube::{Api, Client, ResourceExt};
+use serde_json::json;
+
+use crate::node_agent::decision::{DecisionId, FreezerRecord, RecordedState};
+use crate::space::naming::FREEZE_ANNOTATION;
+use crate::space::{SleepPolicy, SleepStatus, SleepTier, SleepTimes};
 
 /// Last activity the Lease records (`renewTime`, else `acquireTime`).
 pub fn last_activity(lease: &Lease) -> Option<Timestamp> {
@@ -34,9 +44,180 @@ pub fn decide(last_activity: Option<Timestamp>, sleep_after: Option<Duration>, n
     }
 }
 
+/// A [`SleepPolicy`] from the command line (`never` turns a default off).
+#[derive(Debug, Clone, clap::Args)]
+pub struct SleepArgs {
+    /// Idle time before a CPU Space without `freezeAfter` is frozen (needs the
+    /// node agent on its node); `never` turns the frozen tier off.
+    #[arg(long, env = "HANGAR_CPU_FREEZE_AFTER", default_value = "5m", value_parser = parse_sleep_time)]
+    pub cpu_freeze_after: SleepTime,
+    /// The same for GPU flavors (a frozen pod keeps its GPU allocated).
+    #[arg(long, env = "HANGAR_GPU_FREEZE_AFTER", default_value = "never", value_parser = parse_sleep_time)]
+    pub gpu_freeze_after: SleepTime,
+}
+
+/// A duration or `never` (`None`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SleepTime(pub Option<Duration>);
+
+fn parse_sleep_time(s: &str) -> Result<SleepTime, String> {
+    crate::space::duration::parse_sleep(s).map(SleepTime).map_err(|e| e.to_string())
+}
+
+impl SleepArgs {
+    pub fn policy(&self) -> SleepPolicy {
+        SleepPolicy { cpu_freeze_after: self.cpu_freeze_after.0, gpu_freeze_after: self.gpu_freeze_after.0 }
+    }
+}
+
+/// The sleep tier a Space is due for now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Tier {
+    /// `None`: awake.
+    pub tier: Option<SleepTier>,
+    /// When the tier began (last activity + its idle time), in whole seconds:
+    /// a frozen Space's decision is this second ([`Tier::freeze_decision`]).
+    pub since: Option<Timestamp>,
+    /// Time until the next tier is due.
+    pub recheck_in: Option<Duration>,
+}
+
+impl Tier {
+    /// Stopped: no replica.
+    pub fn stopped(&self) -> bool {
+        self.tier == Some(SleepTier::Stopped)
+    }
+
+    /// The decision recorded on the pods while frozen.
+    pub fn freeze_decision(&self) -> Option<DecisionId> {
+        (self.tier == Some(SleepTier::Frozen)).then_some(self.since?.as_second())
+    }
+}
+
+/// The tier for a Space idle since `last_activity` (`None`: no record yet,
+/// counts as now), given its idle times (`None`: never sleeps).
+pub fn decide_tier(last_activity: Option<Timestamp>, times: Option<SleepTimes>, now: Timestamp) -> Tier {
+    let (Some(last), Some(times)) = (last_activity, times) else {
+        return Tier { tier: None, since: None, recheck_in: None };
+    };
+    let idle = Duration::try_from(now.duration_since(last)).unwrap_or(Duration::ZERO);
+    let decision = times.tier(idle);
+    let after = match decision.tier {
+        Some(SleepTier::Frozen) => times.freeze_after,
+        Some(SleepTier::Stopped) => times.stop_after,
+        None => None,
+    };
+    let since = after.and_then(|after| {
+        let at = last.checked_add(SignedDuration::try_from(after).ok()?).ok()?;
+        Timestamp::from_second(at.as_second()).ok()
+    });
+    Tier { tier: decision.tier, since, recheck_in: decision.recheck_in }
+}
+
+/// `status.sleep` for the tier; a frozen Space reports the memory its pods
+/// hold, as their node agents recorded it.
+pub fn status(tier: &Tier, pods: &[Pod]) -> Option<SleepStatus> {
+    let kind = tier.tier?;
+    let memory: Option<u64> = (kind == SleepTier::Frozen)
+        .then(|| {
+            pods.iter()
+                .filter_map(|p| FreezerRecord::from_annotations(p.metadata.annotations.as_ref()?))
+                .filter(|r| r.state == RecordedState::Frozen)
+                .filter_map(|r| r.memory_bytes)
+                .reduce(|a, b| a + b)
+        })
+        .flatten();
+    Some(SleepStatus {
+        tier: kind,
+        since: tier.since.map(Time),
+        memory_bytes: memory.map(|m| i64::try_from(m).unwrap_or(i64::MAX)),
+    })
+}
+
+/// The pods whose recorded decision differs from `decision`, with the value
+/// to record (`None`: remove it). Terminating pods are left alone.
+pub fn decision_changes(pods: &[Pod], decision: Option<DecisionId>) -> Vec<(String, Option<String>)> {
+    let want = decision.map(|d| d.to_string());
+    pods.iter()
+        .filter(|p| p.metadata.deletion_timestamp.is_none())
+        .filter(|p| p.annotations().get(FREEZE_ANNOTATION) != want.as_ref())
+        .map(|p| (p.name_any(), want.clone()))
+        .collect()
+}
+
+/// Records the freeze decision on the Space's pods (the node agents act on it).
+pub async fn record_decision(
+    client: &Client,
+    namespace: &str,
+    pods: &[Pod],
+    decision: Option<DecisionId>,
+) -> crate::Result<()> {
+    let api: Api<Pod> = Api::namespaced(client.clone(), namespace);
+    for (name, value) in decision_changes(pods, decision) {
+        let patch = json!({"metadata": {"annotations": {FREEZE_ANNOTATION: value}}});
+        match api.patch(&name, &PatchParams::default(), &Patch::Merge(&patch)).await {
+            Ok(_) => {}
+            // Gone meanwhile: nothing to record on.
+            Err(kube::Error::Api(e)) if e.code == 404 => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::node_agent::decision::FreezerRecord;
+    use crate::space::naming::FREEZER_ANNOTATION;
+    use std::collections::BTreeMap;
+
+    #[test]
+    fn tiers_with_since_and_decision() {
+        let times = Some(SleepTimes {
+            freeze_after: Some(Duration::from_secs(10)),
+            stop_after: Some(Duration::from_secs(100)),
+        });
+        let awake = decide_tier(Some(at(0)), times, at(4));
+        assert_eq!(awake, Tier { tier: None, since: None, recheck_in: Some(Duration::from_secs(6)) });
+        assert_eq!(awake.freeze_decision(), None);
+        // Activity stamped with microseconds: since is the whole second, the same on every pass.
+        let last = Timestamp::from_microsecond(at(0).as_microsecond() + 250_000).expect("valid time");
+        let frozen = decide_tier(Some(last), times, at(30));
+        assert_eq!(frozen.tier, Some(SleepTier::Frozen));
+        assert_eq!(frozen.since, Some(at(10)));
+        assert_eq!(frozen.freeze_decision(), Some(at(10).as_second()));
+        assert_eq!(decide_tier(Some(last), times, at(31)).freeze_decision(), frozen.freeze_decision());
+        assert!(!frozen.stopped());
+        let stopped = decide_tier(Some(at(0)), times, at(100));
+        assert!(stopped.stopped());
+        assert_eq!((stopped.since, stopped.freeze_decision()), (Some(at(100)), None));
+        assert_eq!(decide_tier(Some(at(0)), None, at(1_000)).tier, None);
+        assert_eq!(decide_tier(None, times, at(1_000)).tier, None);
+    }
+
+    #[test]
+    fn decisions_go_to_the_pods_that_lack_them_and_memory_comes_back() {
+        let pod = |name: &str, annotations: &[(&str, String)]| {
+            let mut p = Pod::default();
+            p.metadata.name = Some(name.into());
+            p.metadata.annotations =
+                Some(annotations.iter().map(|(k, v)| ((*k).to_owned(), v.clone())).collect::<BTreeMap<_, _>>());
+            p
+        };
+        let record = FreezerRecord { state: RecordedState::Frozen, decision: Some(7), memory_bytes: Some(1000) };
+        let pods =
+            [pod("a", &[(FREEZE_ANNOTATION, "7".into()), (FREEZER_ANNOTATION, record.to_annotation())]), pod("b", &[])];
+        assert_eq!(decision_changes(&pods, Some(7)), vec![("b".to_owned(), Some("7".to_owned()))]);
+        assert_eq!(decision_changes(&pods, None), vec![("a".to_owned(), None)]);
+        let tier = Tier { tier: Some(SleepTier::Frozen), since: Some(at(7)), recheck_in: None };
+        let s = status(&tier, &pods).expect("asleep");
+        assert_eq!((s.tier, s.memory_bytes), (SleepTier::Frozen, Some(1000)));
+        assert_eq!(s.since, Some(Time(at(7))));
+        let stopped = Tier { tier: Some(SleepTier::Stopped), ..tier };
+        assert_eq!(status(&stopped, &pods).and_then(|s| s.memory_bytes), None);
+        assert_eq!(status(&Tier { tier: None, since: None, recheck_in: None }, &pods), None);
+    }
 
     fn at(s: i64) -> Timestamp {
         Timestamp::from_second(1_700_000_000 + s).expect("valid time")

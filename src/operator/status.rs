@@ -7,7 +7,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use k8s_openapi::jiff::Timestamp;
 
 use super::render::{HARDWARE_ANNOTATION, TEMPLATE_LABEL};
-use crate::space::{HardwareStatus, ReplicaStatus, SpaceStatus, Stage};
+use crate::space::{HardwareStatus, ReplicaStatus, SleepStatus, SleepTier, SpaceStatus, Stage};
 
 pub const READY: &str = "Ready";
 pub const SCHEDULED: &str = "Scheduled";
@@ -44,7 +44,10 @@ pub struct Facts<'a> {
     /// A configuration error: `(stage, message)` (`CONFIG_ERROR` or `NO_APP_FILE`).
     pub config_error: Option<(Stage, String)>,
     pub paused: bool,
+    /// Stopped (the deep tier): no replica.
     pub asleep: bool,
+    /// The sleep tier due now (frozen or stopped), for `status.sleep`.
+    pub sleep: Option<SleepStatus>,
     pub build: BuildView,
     /// The image the Space runs, once there is one.
     pub image: Option<String>,
@@ -130,6 +133,7 @@ pub fn derive(facts: &Facts) -> SpaceStatus {
     let serving = !ready.is_empty();
     let pending = current.iter().find_map(|p| unschedulable(p));
     let failure = current.iter().find_map(|p| runtime_failure(p));
+    let frozen = facts.sleep.as_ref().is_some_and(|s| s.tier == SleepTier::Frozen);
 
     let (stage, message) = if let Some((stage, message)) = &facts.config_error {
         (*stage, message.clone())
@@ -143,6 +147,10 @@ pub fn derive(facts: &Facts) -> SpaceStatus {
         (Stage::Building, "waiting for an image".to_owned())
     } else if facts.asleep {
         (Stage::Sleeping, "asleep after its idle time; the next request wakes it".to_owned())
+    } else if frozen {
+        // Before readiness and failures: a frozen pod fails its readiness probe
+        // by design, and that is no runtime error.
+        (Stage::Sleeping, "frozen after its idle time (memory kept); the next request thaws it".to_owned())
     } else if current_ready {
         (Stage::Running, "ready".to_owned())
     } else if let Some(failure) = failure {
@@ -183,7 +191,7 @@ pub fn derive(facts: &Facts) -> SpaceStatus {
         }),
         replicas: Some(ReplicaStatus { requested: facts.replicas_requested, current: ready_replicas }),
         build: facts.build_record.clone(),
-        sleep: None,
+        sleep: if stage == Stage::Sleeping { facts.sleep.clone() } else { None },
     }
 }
 
@@ -225,6 +233,7 @@ mod tests {
             config_error: None,
             paused: false,
             asleep: false,
+            sleep: None,
             build: BuildView::Idle,
             image: Some("reg/app:1".into()),
             hardware_requested: "t4-small",
@@ -330,6 +339,27 @@ mod tests {
                     .into()
             )
         );
+    }
+
+    #[test]
+    fn a_frozen_space_sleeps_even_though_its_pod_is_not_ready() {
+        let mut p = pod(HASH, "cpu-basic", &[("PodScheduled", "True", None, None), ("Ready", "False", None, None)]);
+        if let Some(status) = p.status.as_mut() {
+            status.container_statuses = Some(vec![ContainerStatus { name: "app".into(), ..Default::default() }]);
+        }
+        let pods = [p];
+        let frozen =
+            SleepStatus { tier: SleepTier::Frozen, since: Some(Time(facts(&pods).now)), memory_bytes: Some(9) };
+        let s = derive(&Facts { sleep: Some(frozen.clone()), ..facts(&pods) });
+        assert_eq!(s.stage, Some(Stage::Sleeping));
+        assert_eq!(s.sleep, Some(frozen.clone()));
+        assert_eq!(s.replicas.map(|r| r.requested), Some(1), "a frozen Space keeps its pod");
+        // Awake again: no sleep in the status.
+        assert_eq!(derive(&facts(&pods)).sleep, None);
+        // An error that comes first still shows (the sleep does not hide it).
+        let failed = BuildView::Failed { stage: Stage::BuildError, message: "pip".into() };
+        let s = derive(&Facts { sleep: Some(frozen), build: failed, ..facts(&pods) });
+        assert_eq!((s.stage, s.sleep), (Some(Stage::BuildError), None));
     }
 
     #[test]

@@ -37,6 +37,10 @@ pub struct ProxyArgs {
     /// Keep incoming X-Forwarded-* headers (only behind a trusted load balancer).
     #[arg(long, env = "HANGAR_PROXY_TRUST_FORWARDED")]
     pub trust_forwarded_headers: bool,
+    /// File with the node agents' bearer token: frozen Spaces are thawed
+    /// through them (without it the proxy assumes no agents, nothing frozen).
+    #[arg(long, env = "HANGAR_NODE_AGENT_TOKEN_FILE")]
+    pub node_agent_token_file: Option<std::path::PathBuf>,
 }
 
 fn parse_route(spec: &str) -> Result<SpaceRoute, String> {
@@ -56,7 +60,8 @@ pub async fn run(args: ProxyArgs) -> crate::Result<()> {
     let source: Arc<dyn RouteSource> = if args.routes.is_empty() {
         let client = kube::Client::try_default().await?;
         let config = KubeSourceConfig { domain: args.domain.clone(), namespace: args.namespace.clone() };
-        let source = KubeSource::start(client, config, cancel.clone());
+        let token = args.node_agent_token_file.as_deref().map(crate::node_agent::read_token).transpose()?;
+        let source = KubeSource::start_with_agents(client, config, token, cancel.clone());
         source.synced().await;
         tracing::info!("routes synced from the cluster");
         source

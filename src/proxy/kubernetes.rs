@@ -22,11 +22,12 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use super::auth::token_digest;
-use super::route::{Access, RouteTable, SpaceKey, SpaceRoute};
+use super::route::{Access, Frozen, FrozenPod, RouteTable, SpaceKey, SpaceRoute};
 use super::source::{RouteSource, SourceError};
+use super::thaw::NodeAgents;
 use crate::space::app_config::{self, DEFAULT_STARTUP_TIMEOUT};
 use crate::space::naming::{CUSTOM_HEADERS_ANNOTATION, TOKEN_KEY, token_secret_name};
-use crate::space::{Sdk, Space, SpaceSpec, Visibility, naming};
+use crate::space::{Sdk, SleepTier, Space, SpaceSpec, Stage, Visibility, naming};
 
 /// Field manager of the proxy's Lease writes.
 pub const FIELD_MANAGER: &str = "hangar-proxy";
@@ -47,15 +48,28 @@ pub struct KubeSource {
     client: Client,
     tx: watch::Sender<Arc<RouteTable>>,
     synced: watch::Receiver<bool>,
+    agents: Arc<NodeAgents>,
 }
 
 impl KubeSource {
     /// Starts the watchers in the background (until `cancel`). Routes appear
     /// as the initial lists arrive; [`KubeSource::synced`] waits for that.
     pub fn start(client: Client, config: KubeSourceConfig, cancel: CancellationToken) -> Arc<Self> {
+        Self::start_with_agents(client, config, None, cancel)
+    }
+
+    /// [`KubeSource::start`] with the bearer token of the node agents, which
+    /// thaw frozen Spaces (`None`: no agents, nothing is ever frozen).
+    pub fn start_with_agents(
+        client: Client,
+        config: KubeSourceConfig,
+        node_agent_token: Option<String>,
+        cancel: CancellationToken,
+    ) -> Arc<Self> {
         let (tx, _) = watch::channel(Arc::new(RouteTable::new(&config.domain, [])));
         let (synced_tx, synced) = watch::channel(false);
-        let this = Arc::new(Self { client: client.clone(), tx: tx.clone(), synced });
+        let agents = Arc::new(NodeAgents::new(client.clone(), node_agent_token, config.namespace.as_deref()));
+        let this = Arc::new(Self { client: client.clone(), tx: tx.clone(), synced, agents });
         tokio::spawn(watch_all(client, config, tx, synced_tx, cancel));
         this
     }
@@ -111,6 +125,17 @@ impl RouteSource for KubeSource {
 
     fn record_activity(&self, space: &SpaceKey, at: SystemTime) -> BoxFuture<'static, Result<(), SourceError>> {
         self.renew(space, at)
+    }
+
+    fn thaw(&self, route: &SpaceRoute) -> BoxFuture<'static, Result<(), SourceError>> {
+        let agents = Arc::clone(&self.agents);
+        let frozen = route.frozen.clone();
+        Box::pin(async move {
+            match frozen {
+                Some(frozen) => agents.thaw(&frozen).await,
+                None => Ok(()),
+            }
+        })
     }
 }
 
@@ -202,19 +227,30 @@ pub fn build_table(
     secrets: &[Arc<Secret>],
 ) -> RouteTable {
     let mut ready: HashMap<(String, String), Vec<SocketAddr>> = HashMap::new();
+    // Every endpoint that is not terminating, ready or not: a frozen Space's
+    // pods fail their readiness probe and are thawed, then served, all the same.
+    let mut present: HashMap<(String, String), Vec<FrozenPod>> = HashMap::new();
     for slice in slices {
         let (Some(ns), Some(service)) = (slice.namespace(), slice.labels().get(SERVICE_NAME_LABEL).cloned()) else {
             continue;
         };
         let port = slice.ports.iter().flatten().find_map(|p| p.port).and_then(|p| u16::try_from(p).ok());
-        let addrs = ready.entry((ns, service)).or_default();
+        let addrs = ready.entry((ns.clone(), service.clone())).or_default();
+        let pods = present.entry((ns, service)).or_default();
         for endpoint in slice.endpoints.iter().flatten() {
+            let conditions = endpoint.conditions.as_ref();
+            let terminating = conditions.and_then(|c| c.terminating) == Some(true);
             // `ready` unset means ready (API docs); terminating endpoints are not.
-            if endpoint.conditions.as_ref().and_then(|c| c.ready) == Some(false) {
-                continue;
-            }
+            let is_ready = conditions.and_then(|c| c.ready) != Some(false);
             for ip in endpoint.addresses.iter().filter_map(|a| a.parse::<IpAddr>().ok()) {
-                addrs.push(SocketAddr::new(ip, port.unwrap_or(0)));
+                let addr = SocketAddr::new(ip, port.unwrap_or(0));
+                if is_ready {
+                    addrs.push(addr);
+                }
+                if !terminating {
+                    let uid = endpoint.target_ref.as_ref().and_then(|r| r.uid.clone());
+                    pods.push(FrozenPod { addr, node: endpoint.node_name.clone(), uid });
+                }
             }
         }
     }
@@ -233,21 +269,36 @@ pub fn build_table(
         route.base_path = base_path;
         route.startup_timeout = startup_timeout;
         route.paused = space.spec.paused;
+        let mut frozen_since = None;
         if let Some(status) = &space.status {
             route.stage = status.stage;
             route.message = status.message.clone();
+            frozen_since = status
+                .sleep
+                .as_ref()
+                .filter(|s| s.tier == SleepTier::Frozen && status.stage == Some(Stage::Sleeping))
+                .and_then(|s| s.since.as_ref())
+                .map(|t| t.0.as_second());
         }
         if space.spec.visibility == Visibility::Private {
             route.access =
                 Access::Private { token_sha256: tokens.get(&(ns.clone(), token_secret_name(&name))).copied() };
         }
         route.custom_headers = custom_headers(space);
-        route.endpoints = ready
-            .get(&(ns, naming::workload_name(&name)))
-            .map(|addrs| {
-                addrs.iter().map(|a| if a.port() == 0 { SocketAddr::new(a.ip(), app_port) } else { *a }).collect()
-            })
-            .unwrap_or_default();
+        let with_port = |a: SocketAddr| if a.port() == 0 { SocketAddr::new(a.ip(), app_port) } else { a };
+        let service = (ns, naming::workload_name(&name));
+        route.endpoints =
+            ready.get(&service).map(|addrs| addrs.iter().map(|a| with_port(*a)).collect()).unwrap_or_default();
+        if let Some(decision) = frozen_since {
+            let pods: Vec<FrozenPod> = present
+                .get(&service)
+                .map(|pods| pods.iter().map(|p| FrozenPod { addr: with_port(p.addr), ..p.clone() }).collect())
+                .unwrap_or_default();
+            // No pod left to thaw: wake it the ordinary way.
+            if !pods.is_empty() {
+                route.frozen = Some(Frozen { decision, pods });
+            }
+        }
         Some(route)
     });
     RouteTable::new(domain, routes)
@@ -354,6 +405,48 @@ mod tests {
         // No port on the slice: the app port (default for an unknown sdk: 7860).
         assert_eq!(g.endpoints, vec!["10.0.0.2:7860".parse().expect("addr")]);
         let _ = SpaceStatus::default();
+    }
+
+    #[test]
+    fn a_frozen_space_keeps_its_not_ready_pods_to_thaw() {
+        let mut frozen = (*space("alice", "f", json!({"image": "r/f:1"}), Some("SLEEPING"))).clone();
+        if let Some(status) = frozen.status.as_mut() {
+            status.sleep = Some(crate::space::SleepStatus {
+                tier: SleepTier::Frozen,
+                since: Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+                    k8s_openapi::jiff::Timestamp::from_second(1_764_000_000).expect("time"),
+                )),
+                memory_bytes: None,
+            });
+        }
+        let slices = vec![slice(
+            "alice",
+            "space-f",
+            None,
+            json!([{"addresses": ["10.244.0.9"], "conditions": {"ready": false}, "nodeName": "n1",
+                    "targetRef": {"kind": "Pod", "name": "p", "uid": "u-1"}},
+                   {"addresses": ["10.244.0.10"], "conditions": {"ready": false, "terminating": true}}]),
+        )];
+        let t = build_table("d", &[Arc::new(frozen.clone())], &slices, &[]);
+        let r = t.get(&SpaceKey::new("alice", "f")).expect("route");
+        let f = r.frozen.clone().expect("frozen");
+        assert_eq!(f.decision, 1_764_000_000);
+        assert_eq!(
+            f.pods,
+            vec![FrozenPod {
+                addr: "10.244.0.9:7860".parse().expect("addr"),
+                node: Some("n1".into()),
+                uid: Some("u-1".into())
+            }]
+        );
+        assert!(r.endpoints.is_empty());
+        assert_eq!(r.disposition(), crate::proxy::Disposition::Wake);
+        // Stopped (no sleep tier): an ordinary sleeping Space.
+        if let Some(status) = frozen.status.as_mut() {
+            status.sleep = None;
+        }
+        let t = build_table("d", &[Arc::new(frozen)], &slices, &[]);
+        assert_eq!(t.get(&SpaceKey::new("alice", "f")).and_then(|r| r.frozen.clone()), None);
     }
 
     #[test]

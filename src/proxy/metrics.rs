@@ -36,8 +36,22 @@ fn latency_histogram() -> Histogram {
 }
 
 fn wake_histogram() -> Histogram {
-    // 50 ms .. ~30 min
-    Histogram::new(exponential_buckets(0.05, 2.0, 16))
+    // 1 ms (a thaw) .. ~35 min (a cold start)
+    Histogram::new(exponential_buckets(0.001, 2.0, 22))
+}
+
+/// A wake by sleep tier: `frozen` (thawed) or `stopped` (started).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct WakeLabels {
+    pub namespace: String,
+    pub space: String,
+    pub tier: &'static str,
+}
+
+impl WakeLabels {
+    fn new(key: &SpaceKey, tier: &'static str) -> Self {
+        Self { namespace: key.namespace.clone(), space: key.name.clone(), tier }
+    }
 }
 
 /// All proxy metrics in one registry.
@@ -45,8 +59,8 @@ pub struct Metrics {
     registry: Registry,
     requests: Family<CodeLabels, Counter>,
     duration: HistogramFamily<SpaceLabels>,
-    wakes: Family<SpaceLabels, Counter>,
-    wake_duration: HistogramFamily<SpaceLabels>,
+    wakes: Family<WakeLabels, Counter>,
+    wake_duration: HistogramFamily<WakeLabels>,
     held: Family<SpaceLabels, Gauge>,
     rejected_held: Family<SpaceLabels, Counter>,
     tunnels: Family<SpaceLabels, Gauge>,
@@ -65,7 +79,7 @@ impl Metrics {
         let mut registry = Registry::with_prefix("hangar_proxy");
         let requests = Family::<CodeLabels, Counter>::default();
         let duration = HistogramFamily::new_with_constructor(latency_histogram as fn() -> Histogram);
-        let wakes = Family::<SpaceLabels, Counter>::default();
+        let wakes = Family::<WakeLabels, Counter>::default();
         let wake_duration = HistogramFamily::new_with_constructor(wake_histogram as fn() -> Histogram);
         let held = Family::<SpaceLabels, Gauge>::default();
         let rejected_held = Family::<SpaceLabels, Counter>::default();
@@ -78,10 +92,10 @@ impl Metrics {
             "Time to the response head (not the whole stream), per Space",
             duration.clone(),
         );
-        registry.register("wakes", "Wake signals sent to sleeping Spaces", wakes.clone());
+        registry.register("wakes", "Wakes of sleeping Spaces by sleep tier (frozen, stopped)", wakes.clone());
         registry.register(
             "wake_duration_seconds",
-            "From the wake signal to the Space being ready",
+            "From the wake signal to the Space being ready (frozen: thawed), by sleep tier",
             wake_duration.clone(),
         );
         registry.register("held_requests", "Requests held while their Space starts", held.clone());
@@ -118,12 +132,12 @@ impl Metrics {
         self.requests.get_or_create(&CodeLabels { namespace, space, code }).inc();
     }
 
-    pub fn wake(&self, key: &SpaceKey) {
-        self.wakes.get_or_create(&key.into()).inc();
+    pub fn wake(&self, key: &SpaceKey, tier: &'static str) {
+        self.wakes.get_or_create(&WakeLabels::new(key, tier)).inc();
     }
 
-    pub fn wake_done(&self, key: &SpaceKey, seconds: f64) {
-        self.wake_duration.get_or_create(&key.into()).observe(seconds);
+    pub fn wake_done(&self, key: &SpaceKey, tier: &'static str, seconds: f64) {
+        self.wake_duration.get_or_create(&WakeLabels::new(key, tier)).observe(seconds);
     }
 
     pub fn held(&self, key: &SpaceKey, delta: i64) {
@@ -166,14 +180,17 @@ mod tests {
         let m = Metrics::new();
         let k = SpaceKey::new("alice", "whisper");
         m.request(&k, 200, 0.002);
-        m.wake(&k);
+        m.wake(&k, "frozen");
         m.held(&k, 3);
         let text = m.encode();
         assert!(
             text.contains(r#"hangar_proxy_requests_total{namespace="alice",space="whisper",code="200"} 1"#),
             "{text}"
         );
-        assert!(text.contains(r#"hangar_proxy_wakes_total{namespace="alice",space="whisper"} 1"#), "{text}");
+        assert!(
+            text.contains(r#"hangar_proxy_wakes_total{namespace="alice",space="whisper",tier="frozen"} 1"#),
+            "{text}"
+        );
         assert!(text.contains(r#"hangar_proxy_held_requests{namespace="alice",space="whisper"} 3"#), "{text}");
         assert!(text.contains("hangar_proxy_request_duration_seconds_bucket"), "{text}");
     }

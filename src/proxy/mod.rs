@@ -3,7 +3,7 @@
 //! - [`route`]: the route table and matching (pure)
 //! - [`forward`]: the upstream client, header rewriting, WebSocket splicing
 //! - [`activity`]: throttled activity records
-//! - [`wake`]: one wake per sleeping Space, held requests
+//! - [`wake`]: one wake per sleeping Space, held requests; [`thaw`]: node agents thaw frozen ones
 //! - [`auth`]: private Spaces' bearer tokens
 //! - [`metrics`], [`loading`]: `/metrics`, the loading page
 //! - [`source`]: the [`RouteSource`] trait and [`MemorySource`]; [`kubernetes`]: [`KubeSource`]
@@ -19,6 +19,7 @@ pub mod metrics;
 pub mod route;
 pub mod server;
 pub mod source;
+pub mod thaw;
 pub mod wake;
 
 pub use cli::{ProxyArgs, run as cli_run};

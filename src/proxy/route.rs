@@ -61,6 +61,27 @@ pub struct SpaceRoute {
     pub startup_timeout: Duration,
     /// Ready upstream addresses (pod IP : app port, or a local container's port).
     pub endpoints: Vec<SocketAddr>,
+    /// Frozen (the light sleep tier): its pods are kept but their processes
+    /// are frozen; a request thaws them through their node agents first.
+    pub frozen: Option<Frozen>,
+}
+
+/// A frozen Space's pods, addressed even while their readiness probe fails.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Frozen {
+    /// The operator's decision (`status.sleep.since`, Unix seconds): a thaw
+    /// overrides it, a newer one freezes again.
+    pub decision: i64,
+    pub pods: Vec<FrozenPod>,
+}
+
+/// One pod of a frozen Space, as its EndpointSlice names it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FrozenPod {
+    pub addr: SocketAddr,
+    /// The node whose agent thaws it.
+    pub node: Option<String>,
+    pub uid: Option<String>,
 }
 
 impl SpaceRoute {
@@ -76,12 +97,23 @@ impl SpaceRoute {
             custom_headers: Vec::new(),
             startup_timeout: DEFAULT_STARTUP_TIMEOUT,
             endpoints: Vec::new(),
+            frozen: None,
         }
     }
 
     /// Whether requests can be forwarded now.
     pub fn is_ready(&self) -> bool {
-        !self.is_paused() && !self.endpoints.is_empty()
+        !self.is_paused() && self.frozen.is_none() && !self.endpoints.is_empty()
+    }
+
+    /// The route once its frozen pods are thawed: forward to them at once,
+    /// without waiting for their readiness probe to pass again.
+    pub fn thawed(&self) -> Self {
+        let mut route = self.clone();
+        if let Some(frozen) = route.frozen.take() {
+            route.endpoints = frozen.pods.iter().map(|p| p.addr).collect();
+        }
+        route
     }
 
     pub fn is_paused(&self) -> bool {
@@ -92,6 +124,11 @@ impl SpaceRoute {
     pub fn disposition(&self) -> Disposition {
         if self.is_paused() {
             return Disposition::Paused;
+        }
+        // Frozen pods may still look ready (the probe takes seconds to fail):
+        // never forward to them before the thaw.
+        if self.frozen.is_some() {
+            return Disposition::Wake;
         }
         if !self.endpoints.is_empty() {
             return Disposition::Forward;
@@ -369,6 +406,10 @@ mod tests {
         assert_eq!(space(t.resolve(None, "/spaces/a-b/c/")).route.key, SpaceKey::new("a-b", "c"));
     }
 
+    fn pod_addr() -> SocketAddr {
+        SocketAddr::from(([10, 0, 0, 7], 7860))
+    }
+
     #[test]
     fn dispositions() {
         let mut r = SpaceRoute::new(SpaceKey::new("a", "b"));
@@ -380,6 +421,13 @@ mod tests {
         r.endpoints.push(SocketAddr::from(([127, 0, 0, 1], 1)));
         r.stage = Some(Stage::RunningBuilding);
         assert_eq!(r.disposition(), Disposition::Forward);
+        // Frozen: thaw first, even if the endpoints still look ready; then its pods serve.
+        let pod = FrozenPod { addr: SocketAddr::from(([10, 0, 0, 7], 7860)), node: Some("n".into()), uid: None };
+        let mut frozen = r.clone();
+        frozen.frozen = Some(Frozen { decision: 1, pods: vec![pod] });
+        assert_eq!((frozen.disposition(), frozen.is_ready()), (Disposition::Wake, false));
+        let thawed = frozen.thawed();
+        assert_eq!((thawed.disposition(), thawed.endpoints.clone()), (Disposition::Forward, vec![pod_addr()]));
         r.paused = true;
         assert_eq!(r.disposition(), Disposition::Paused);
         r.paused = false;

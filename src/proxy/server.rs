@@ -319,7 +319,8 @@ impl Inner {
                 if disposition == Disposition::Wake {
                     self.wakes.signal(key);
                 }
-                if loading::wants_html(req.method(), req.headers()) {
+                // A frozen Space answers in milliseconds once thawed: no loading page.
+                if route.frozen.is_none() && loading::wants_html(req.method(), req.headers()) {
                     return self.loading_page(&route);
                 }
                 let Some(_hold) = self.wakes.hold(key) else {

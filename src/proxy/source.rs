@@ -35,6 +35,14 @@ pub trait RouteSource: Send + Sync + 'static {
     /// The proxy calls it at most once per `LEASE_RENEW_INTERVAL` per Space,
     /// and keeps calling it while a WebSocket or stream stays open.
     fn record_activity(&self, space: &SpaceKey, at: SystemTime) -> BoxFuture<'static, Result<(), SourceError>>;
+
+    /// Thaws a frozen Space's pods ([`SpaceRoute::frozen`]) and resolves once
+    /// they run again (Kubernetes: through their node agents). The proxy calls
+    /// it once per freeze decision, however many requests wait.
+    fn thaw(&self, route: &SpaceRoute) -> BoxFuture<'static, Result<(), SourceError>> {
+        let _ = route;
+        Box::pin(async { Ok(()) })
+    }
 }
 
 /// Called by [`MemorySource::wake`]: local mode starts the container here.

@@ -12,6 +12,7 @@
 #![allow(dead_code)]
 
 pub mod operator;
+pub mod process;
 pub mod repo;
 
 use std::future::Future;

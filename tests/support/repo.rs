@@ -55,3 +55,60 @@ pub fn commit_file(repo: &Path, file: &str, content: &str) -> String {
     git(repo, &["commit", "-q", "-m", &format!("edit {file}")]);
     git(repo, &["rev-parse", "HEAD"])
 }
+
+/// A bare clone of `work` at `bare`, ready to be served over dumb HTTP.
+pub fn bare_clone(work: &Path, bare: &Path) {
+    let out = Command::new("git").args(["clone", "-q", "--bare"]).arg(work).arg(bare).output().expect("git clone");
+    assert!(out.status.success(), "git clone --bare: {}", String::from_utf8_lossy(&out.stderr));
+    git(bare, &["update-server-info"]);
+}
+
+/// Pushes `work`'s main to the bare remote (what `git push` to a hub does).
+pub fn publish(work: &Path, bare: &Path) {
+    let target = bare.to_str().expect("utf-8 path");
+    git(work, &["push", "-q", "--force", target, "main:main"]);
+    git(bare, &["update-server-info"]);
+}
+
+/// Serves the directory `root` (bare repositories) over git's dumb HTTP protocol on
+/// loopback, behind Basic auth when `user_pass` is given; returns `http://host:port`.
+pub async fn serve_dumb_http(root: std::path::PathBuf, user_pass: Option<&'static str>) -> String {
+    use axum::extract::{Path as UrlPath, State};
+    use axum::http::{HeaderMap, StatusCode, header};
+    use axum::response::IntoResponse;
+    use base64::Engine as _;
+    let expected = user_pass.map(|up| format!("Basic {}", base64::engine::general_purpose::STANDARD.encode(up)));
+    let app = axum::Router::new()
+        .route(
+            "/{*path}",
+            axum::routing::get(
+                |State((root, expected)): State<(std::path::PathBuf, Option<String>)>,
+                 UrlPath(path): UrlPath<String>,
+                 headers: HeaderMap| async move {
+                    let authorized = expected.as_ref().is_none_or(|e| {
+                        headers.get(header::AUTHORIZATION).is_some_and(|v| v.as_bytes() == e.as_bytes())
+                    });
+                    if !authorized {
+                        return (
+                            StatusCode::UNAUTHORIZED,
+                            [(header::WWW_AUTHENTICATE, "Basic realm=\"git\"")],
+                            Vec::new(),
+                        )
+                            .into_response();
+                    }
+                    if path.split('/').any(|p| p == "..") {
+                        return StatusCode::BAD_REQUEST.into_response();
+                    }
+                    match std::fs::read(root.join(&path)) {
+                        Ok(bytes) => bytes.into_response(),
+                        Err(_) => StatusCode::NOT_FOUND.into_response(),
+                    }
+                },
+            ),
+        )
+        .with_state((root, expected));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let url = format!("http://{}", listener.local_addr().expect("addr"));
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    url
+}

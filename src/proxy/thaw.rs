@@ -1,0 +1,124 @@
+//! Thawing a frozen Space: the proxy asks the node agent of each of its
+//! pods' nodes directly (`POST /thaw`, bearer token), not the apiserver, so
+//! the wake path has no watch latency. An agent advertises its URL on its
+//! Node; the proxy reads it once per node and again after a failure (an
+//! agent restarted elsewhere).
+
+use std::collections::HashMap;
+use std::sync::{Mutex, PoisonError};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::header::{AUTHORIZATION, CONTENT_TYPE};
+use http::{Request, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::Client as HttpClient;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use k8s_openapi::api::core::v1::Node;
+use kube::{Api, Client};
+use serde_json::json;
+
+use super::route::{Frozen, FrozenPod};
+use super::source::SourceError;
+use crate::space::naming;
+
+/// One thaw call may take this long (the agent answers once the cgroup is THAWED).
+const THAW_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The node agents of the cluster, as the proxy reaches them.
+pub struct NodeAgents {
+    client: Client,
+    http: HttpClient<HttpConnector, Full<Bytes>>,
+    /// `Bearer <token>`; `None`: no agents are deployed, nothing is ever frozen.
+    authorization: Option<String>,
+    /// The Node annotation agents advertise under (namespace-confined or not).
+    annotation: String,
+    urls: Mutex<HashMap<String, String>>,
+}
+
+impl NodeAgents {
+    pub fn new(client: Client, token: Option<String>, namespace: Option<&str>) -> Self {
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
+        connector.set_connect_timeout(Some(Duration::from_secs(2)));
+        Self {
+            client,
+            http: HttpClient::builder(TokioExecutor::new()).build(connector),
+            authorization: token.map(|t| format!("Bearer {t}")),
+            annotation: naming::node_agent_annotation(namespace),
+            urls: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn cached(&self, node: &str) -> Option<String> {
+        self.urls.lock().unwrap_or_else(PoisonError::into_inner).get(node).cloned()
+    }
+
+    /// The agent URL of `node`, from the cache or its Node.
+    async fn url(&self, node: &str, refresh: bool) -> Result<String, SourceError> {
+        if !refresh && let Some(url) = self.cached(node) {
+            return Ok(url);
+        }
+        let nodes: Api<Node> = Api::all(self.client.clone());
+        let found = nodes.get(node).await?;
+        let url =
+            found.metadata.annotations.as_ref().and_then(|a| a.get(&self.annotation)).cloned().ok_or_else(|| {
+                SourceError::Other(format!("node {node} has no node agent ({} unset)", self.annotation))
+            })?;
+        self.urls.lock().unwrap_or_else(PoisonError::into_inner).insert(node.to_owned(), url.clone());
+        Ok(url)
+    }
+
+    /// Thaws every pod of a frozen Space; returns once all are THAWED.
+    pub async fn thaw(&self, frozen: &Frozen) -> Result<(), SourceError> {
+        let Some(authorization) = &self.authorization else {
+            // No agents configured: nothing could have frozen the pods.
+            return Ok(());
+        };
+        let calls = frozen.pods.iter().map(|pod| self.thaw_pod(authorization, pod, frozen.decision));
+        futures::future::try_join_all(calls).await?;
+        Ok(())
+    }
+
+    async fn thaw_pod(&self, authorization: &str, pod: &FrozenPod, decision: i64) -> Result<(), SourceError> {
+        let Some(node) = &pod.node else {
+            return Err(SourceError::Other(format!("pod at {} has no node in its EndpointSlice", pod.addr)));
+        };
+        let body = json!({"uid": pod.uid, "decision": decision}).to_string();
+        let mut last = None;
+        // Once from the cache; again with the Node's current URL if that failed.
+        for refresh in [false, true] {
+            let url = match self.url(node, refresh).await {
+                Ok(url) => url,
+                Err(e) => return Err(last.unwrap_or(e)),
+            };
+            match self.post(&url, authorization, body.clone()).await {
+                Ok(()) => return Ok(()),
+                Err(e) => last = Some(e),
+            }
+        }
+        Err(last.unwrap_or_else(|| SourceError::Other("thaw failed".into())))
+    }
+
+    async fn post(&self, base: &str, authorization: &str, body: String) -> Result<(), SourceError> {
+        let fail = |what: String| SourceError::Other(format!("node agent {base}: {what}"));
+        let request = Request::post(format!("{}/thaw", base.trim_end_matches('/')))
+            .header(AUTHORIZATION, authorization)
+            .header(CONTENT_TYPE, "application/json")
+            .body(Full::new(Bytes::from(body)))
+            .map_err(|e| fail(e.to_string()))?;
+        let response = tokio::time::timeout(THAW_TIMEOUT, self.http.request(request))
+            .await
+            .map_err(|_| fail(format!("no answer within {THAW_TIMEOUT:?}")))?
+            .map_err(|e| fail(e.to_string()))?;
+        let status = response.status();
+        let text = response.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+        match status {
+            StatusCode::OK => Ok(()),
+            // The agent does not know the pod: gone, or not on that node any more.
+            StatusCode::NOT_FOUND => Ok(()),
+            other => Err(fail(format!("{other}: {}", String::from_utf8_lossy(&text).trim()))),
+        }
+    }
+}
