@@ -479,7 +479,8 @@ async fn prepare(ctx: &Ctx, space: &LocalSpace) -> Result<(String, AppConfig), (
     };
     say(key, "BUILDING");
     let mut request = BuildRequest::new(&key.namespace, &key.name, source, space.spec.clone());
-    request.redact = secret_env(space).map(|s| s.into_values().collect()).unwrap_or_default();
+    // Offered to the build's secret mounts, and masked in its log.
+    request.secrets = secret_env(space).map(|s| s.into_iter().collect()).unwrap_or_default();
     match ctx.builder.build(request).await {
         Ok(out) => {
             let how = if out.reused {
