@@ -49,6 +49,8 @@ pub struct OperatorArgs {
     /// Watch Spaces of this namespace only (default: all namespaces).
     #[arg(long, env = "HANGAR_WATCH_NAMESPACE")]
     pub namespace: Option<String>,
+    #[command(flatten)]
+    pub sleep: sleep::SleepArgs,
     /// Address of /healthz, /readyz and /metrics.
     #[arg(long, env = "HANGAR_OPERATOR_HTTP", default_value = "0.0.0.0:8080")]
     pub http_addr: SocketAddr,
@@ -184,7 +186,12 @@ pub async fn run(args: OperatorArgs) -> crate::Result<()> {
 
     let reporter = Reporter { controller: "hangar-operator".into(), instance: Some(args.identity.clone()) };
     let recorder = Recorder::new(client.clone(), reporter);
-    let config = reconcile::OperatorConfig { domain: args.domain, url_scheme: args.url_scheme, mapping };
+    let config = reconcile::OperatorConfig {
+        domain: args.domain,
+        url_scheme: args.url_scheme,
+        mapping,
+        sleep_policy: args.sleep.policy(),
+    };
     let ctx = Arc::new(reconcile::Context::new(client.clone(), recorder, metrics, config, builds));
 
     fn api<K>(client: &Client, ns: Option<&str>) -> Api<K>
