@@ -307,6 +307,10 @@ fn python_dockerfile(
                 .collect()
         }
         _ => {
+            // No `spaces` package: with SYSTEM=spaces and SPACE_ID set, Gradio 6 starts its
+            // hot-reload watcher, which without `spaces` only prints a traceback (the app
+            // serves), but with it runs `spaces`' unauthenticated code-reload server on
+            // 0.0.0.0:7887, reachable from every pod. SYSTEM stays (apps read it).
             d.push_str(&format!("ENV GRADIO_SERVER_NAME=0.0.0.0 GRADIO_SERVER_PORT={port}\n"));
             vec!["python3".to_owned(), app_file.to_owned()]
         }
