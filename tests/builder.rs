@@ -122,9 +122,10 @@ async fn static_space_builds_pushes_serves_and_is_reused() {
 }
 
 /// The docker fixture's Dockerfile plus a step that needs secret `API_TOKEN`
-/// at build time (a BuildKit secret mount): it fails without it, prints it
-/// (the log must mask it) and keeps only its sha256 in the image.
-const SECRET_STEP: &str = "RUN --mount=type=secret,id=API_TOKEN test -s /run/secrets/API_TOKEN \
+/// at build time (a BuildKit secret mount, written as the hub documents it):
+/// it fails without it, prints it (the log must mask it) and keeps only its
+/// sha256 in the image.
+const SECRET_STEP: &str = "RUN --mount=type=secret,id=API_TOKEN,mode=0444,required=true test -s /run/secrets/API_TOKEN \
     && echo \"token: $(cat /run/secrets/API_TOKEN)\" \
     && sha256sum /run/secrets/API_TOKEN | cut -d' ' -f1 > secret.sha256\n";
 
@@ -164,6 +165,7 @@ async fn docker_space_gets_variables_as_build_args_and_secrets_as_mounts_that_le
     let f = b.build(request()).await.expect_err("no secret value");
     assert_eq!((f.stage, f.kind), (Stage::BuildError, FailureKind::Build), "{}", f.message);
     assert!(f.message.contains("RUN --mount=type=secret,id=API_TOKEN"), "{}", f.message);
+    assert!(f.message.contains("secret API_TOKEN not found"), "{}", f.message);
     let log = b.logs().tail(&format!("{ns}/app"), LogKind::Build, 10_000).join("\n");
     assert!(log.contains("secrets without a value (not offered): API_TOKEN"), "{log}");
     assert!(log.contains("GREETING=bonjour-from-variables"), "the log shows the build's env: {log}");
