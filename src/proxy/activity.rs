@@ -6,8 +6,8 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, PoisonError, RwLock};
 use std::time::{Duration, SystemTime};
 
+use tokio::runtime::Handle;
 use tokio::time::Instant;
-
 use tokio_util::sync::CancellationToken;
 
 use super::route::SpaceKey;
@@ -19,8 +19,10 @@ pub fn due(last_ms: u64, now_ms: u64, interval_ms: u64) -> bool {
     last_ms == 0 || now_ms.saturating_sub(last_ms) >= interval_ms
 }
 
-#[derive(Default)]
-struct Entry {
+/// One Space's activity state: two atomics, so the hot path takes no lock
+/// (the proxy's workers keep the `Arc` next to the Space's other handles).
+pub struct SpaceActivity {
+    key: SpaceKey,
     /// Milliseconds (since `epoch`, plus one) of the last record sent; 0: never.
     last_ms: AtomicU64,
     /// Open streams and tunnels.
@@ -32,20 +34,34 @@ pub struct Activity {
     source: Arc<dyn RouteSource>,
     interval: Duration,
     epoch: Instant,
-    spaces: RwLock<HashMap<SpaceKey, Arc<Entry>>>,
+    /// Where records are sent from: the runtime that started the proxy, not
+    /// a worker's (a source's client must not be bound to a worker's event loop).
+    runtime: Handle,
+    spaces: RwLock<HashMap<SpaceKey, Arc<SpaceActivity>>>,
 }
 
 impl Activity {
+    /// Must be called within a Tokio runtime: records are sent from it.
     pub fn new(source: Arc<dyn RouteSource>, interval: Duration) -> Arc<Self> {
-        Arc::new(Self { source, interval, epoch: Instant::now(), spaces: RwLock::new(HashMap::new()) })
+        Arc::new(Self {
+            source,
+            interval,
+            epoch: Instant::now(),
+            runtime: Handle::current(),
+            spaces: RwLock::new(HashMap::new()),
+        })
     }
 
-    fn entry(&self, key: &SpaceKey) -> Arc<Entry> {
+    /// The Space's activity state (created on first use).
+    pub fn entry(&self, key: &SpaceKey) -> Arc<SpaceActivity> {
         if let Some(e) = self.spaces.read().unwrap_or_else(PoisonError::into_inner).get(key) {
             return Arc::clone(e);
         }
         let mut spaces = self.spaces.write().unwrap_or_else(PoisonError::into_inner);
-        Arc::clone(spaces.entry(key.clone()).or_default())
+        let entry = spaces.entry(key.clone()).or_insert_with(|| {
+            Arc::new(SpaceActivity { key: key.clone(), last_ms: AtomicU64::new(0), open: AtomicUsize::new(0) })
+        });
+        Arc::clone(entry)
     }
 
     fn now_ms(&self) -> u64 {
@@ -54,11 +70,11 @@ impl Activity {
 
     /// A request arrived for `key`.
     pub fn touch(&self, key: &SpaceKey) {
-        let entry = self.entry(key);
-        self.touch_entry(key, &entry);
+        self.touch_entry(&self.entry(key));
     }
 
-    fn touch_entry(&self, key: &SpaceKey, entry: &Entry) {
+    /// A request arrived for the Space of `entry`.
+    pub fn touch_entry(&self, entry: &SpaceActivity) {
         let now = self.now_ms();
         let last = entry.last_ms.load(Ordering::Relaxed);
         let interval = u64::try_from(self.interval.as_millis()).unwrap_or(u64::MAX);
@@ -66,9 +82,9 @@ impl Activity {
         if due(last, now, interval)
             && entry.last_ms.compare_exchange(last, now, Ordering::AcqRel, Ordering::Relaxed).is_ok()
         {
-            let fut = self.source.record_activity(key, SystemTime::now());
-            let key = key.clone();
-            tokio::spawn(async move {
+            let key = entry.key.clone();
+            let fut = self.source.record_activity(&key, SystemTime::now());
+            self.runtime.spawn(async move {
                 if let Err(e) = fut.await {
                     tracing::warn!(space = %key, error = %e, "could not record activity");
                 }
@@ -78,10 +94,14 @@ impl Activity {
 
     /// A stream or tunnel opened: the Space stays active until the guard drops.
     pub fn open(self: &Arc<Self>, key: &SpaceKey) -> StreamGuard {
-        let entry = self.entry(key);
+        self.open_entry(self.entry(key))
+    }
+
+    /// [`Activity::open`] with the Space's state at hand.
+    pub fn open_entry(self: &Arc<Self>, entry: Arc<SpaceActivity>) -> StreamGuard {
         entry.open.fetch_add(1, Ordering::Relaxed);
-        self.touch_entry(key, &entry);
-        StreamGuard { activity: Arc::clone(self), key: key.clone(), entry }
+        self.touch_entry(&entry);
+        StreamGuard { activity: Arc::clone(self), entry }
     }
 
     /// Spaces with open streams or tunnels now.
@@ -102,16 +122,16 @@ impl Activity {
                 () = cancel.cancelled() => return,
                 _ = tick.tick() => {}
             }
-            let busy: Vec<(SpaceKey, Arc<Entry>)> = self
+            let busy: Vec<Arc<SpaceActivity>> = self
                 .spaces
                 .read()
                 .unwrap_or_else(PoisonError::into_inner)
-                .iter()
-                .filter(|(_, e)| e.open.load(Ordering::Relaxed) > 0)
-                .map(|(k, e)| (k.clone(), Arc::clone(e)))
+                .values()
+                .filter(|e| e.open.load(Ordering::Relaxed) > 0)
+                .map(Arc::clone)
                 .collect();
-            for (key, entry) in busy {
-                self.touch_entry(&key, &entry);
+            for entry in busy {
+                self.touch_entry(&entry);
             }
         }
     }
@@ -120,15 +140,14 @@ impl Activity {
 /// Held by a streaming response body or a tunnel.
 pub struct StreamGuard {
     activity: Arc<Activity>,
-    key: SpaceKey,
-    entry: Arc<Entry>,
+    entry: Arc<SpaceActivity>,
 }
 
 impl Drop for StreamGuard {
     fn drop(&mut self) {
         self.entry.open.fetch_sub(1, Ordering::Relaxed);
         // The end of a long stream is activity too.
-        self.activity.touch_entry(&self.key, &self.entry);
+        self.activity.touch_entry(&self.entry);
     }
 }
 

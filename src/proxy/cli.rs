@@ -41,6 +41,9 @@ pub struct ProxyArgs {
     /// through them (without it the proxy assumes no agents, nothing frozen).
     #[arg(long, env = "HANGAR_NODE_AGENT_TOKEN_FILE")]
     pub node_agent_token_file: Option<std::path::PathBuf>,
+    /// Threads serving connections, each with its own event loop and upstream pool (0: one per CPU).
+    #[arg(long, env = "HANGAR_PROXY_WORKERS", default_value_t = 0)]
+    pub workers: usize,
 }
 
 fn parse_route(spec: &str) -> Result<SpaceRoute, String> {
@@ -78,6 +81,7 @@ pub async fn run(args: ProxyArgs) -> crate::Result<()> {
         max_held_per_space: args.max_held_per_space,
         header_timeout: Duration::from_secs(args.header_timeout_secs),
         trust_forwarded_headers: args.trust_forwarded_headers,
+        workers: args.workers,
         ..ProxyConfig::default()
     };
     let result = super::server::run(config, source, crate::shutdown::signal()).await;

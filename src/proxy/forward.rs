@@ -2,19 +2,22 @@
 //! bodies both ways, hop-by-hop headers removed, `X-Forwarded-*` set, and
 //! upgraded connections (WebSocket) spliced byte for byte.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::time::Duration;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::header::{CONNECTION, HOST, HeaderName, HeaderValue, UPGRADE};
+use http::uri::PathAndQuery;
 use http::{HeaderMap, Request, Response, StatusCode, Uri, Version};
 use http_body_util::combinators::UnsyncBoxBody;
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
+use hyper::client::conn::http1;
 use hyper::upgrade::OnUpgrade;
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpSocket;
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// Every response body the proxy sends: upstream streams and its own pages.
@@ -25,22 +28,26 @@ pub type ProxyBody = UnsyncBoxBody<Bytes, BoxError>;
 /// the app is closing.
 const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(4);
 
+/// Idle time before TCP keep-alive probes on upstream connections (and between them).
+const TCP_KEEPALIVE: Duration = Duration::from_secs(30);
+
 static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 static X_FORWARDED_PREFIX: HeaderName = HeaderName::from_static("x-forwarded-prefix");
 
 /// Headers that describe one hop, not the message (RFC 9110 7.6.1), plus the
-/// de-facto ones proxies drop.
-const HOP_BY_HOP: [&str; 8] = [
-    "connection",
-    "keep-alive",
-    "proxy-connection",
-    "proxy-authenticate",
-    "proxy-authorization",
-    "te",
-    "trailer",
-    "transfer-encoding",
+/// de-facto ones proxies drop, and `Upgrade` (set again for upgrades).
+static HOP_BY_HOP: [HeaderName; 9] = [
+    CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    http::header::PROXY_AUTHENTICATE,
+    http::header::PROXY_AUTHORIZATION,
+    http::header::TE,
+    http::header::TRAILER,
+    http::header::TRANSFER_ENCODING,
+    UPGRADE,
 ];
 
 /// A body made of one chunk, for the proxy's own answers.
@@ -49,7 +56,7 @@ pub fn full_body(bytes: impl Into<Bytes>) -> ProxyBody {
 }
 
 /// An upstream response body, streamed frame by frame.
-pub fn stream_body(body: Incoming) -> ProxyBody {
+pub fn stream_body(body: UpstreamBody) -> ProxyBody {
     body.map_err(BoxError::from).boxed_unsync()
 }
 
@@ -69,6 +76,10 @@ pub fn upgrade_protocol(version: Version, headers: &HeaderMap) -> Option<HeaderV
 
 /// Removes hop-by-hop headers, including those the `Connection` header names.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    // Most messages have none: one pass over the names, no lookups.
+    if !headers.keys().any(|name| HOP_BY_HOP.contains(name)) {
+        return;
+    }
     let named: Vec<HeaderName> = headers
         .get_all(CONNECTION)
         .iter()
@@ -79,10 +90,9 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     for name in named {
         headers.remove(name);
     }
-    for name in HOP_BY_HOP {
+    for name in &HOP_BY_HOP {
         headers.remove(name);
     }
-    headers.remove(UPGRADE);
 }
 
 /// What the proxy knows about the request beyond its own bytes.
@@ -91,13 +101,21 @@ pub struct Outgoing<'a> {
     pub upstream: SocketAddr,
     /// Path and query the app sees.
     pub path_and_query: &'a str,
-    pub client_addr: SocketAddr,
+    /// The client's address as `X-Forwarded-For` says it ([`client_ip`]: once per connection).
+    pub client_ip: &'a HeaderValue,
     /// `X-Forwarded-Prefix` for path routing; empty for host routing.
     pub prefix: &'a str,
     /// The request's `Authorization` was the proxy's own (private Space): drop it.
     pub strip_authorization: bool,
     /// Keep and extend incoming `X-Forwarded-*` (the proxy sits behind a trusted load balancer).
     pub trust_forwarded: bool,
+}
+
+/// A client address as `X-Forwarded-For` carries it (IPv4-mapped IPv6 as IPv4).
+pub fn client_ip(addr: SocketAddr) -> HeaderValue {
+    let ip = addr.ip().to_canonical().to_string();
+    // An IP address is always a valid header value.
+    HeaderValue::try_from(ip).unwrap_or_else(|_| HeaderValue::from_static("unknown"))
 }
 
 /// Rewrites a client request into the upstream request, in place.
@@ -120,12 +138,18 @@ pub fn prepare_request(parts: &mut http::request::Parts, out: &Outgoing<'_>) -> 
     if let Some(host) = &host {
         headers.insert(HOST, host.clone());
     }
-    let client_ip = out.client_addr.ip().to_canonical().to_string();
-    let forwarded_for = match headers.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
-        Some(prior) if out.trust_forwarded => format!("{prior}, {client_ip}"),
-        _ => client_ip,
+    let prior = headers.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()).filter(|_| out.trust_forwarded);
+    let forwarded_for = match prior {
+        Some(prior) => {
+            let mut v = Vec::with_capacity(prior.len() + 2 + out.client_ip.len());
+            v.extend_from_slice(prior.as_bytes());
+            v.extend_from_slice(b", ");
+            v.extend_from_slice(out.client_ip.as_bytes());
+            HeaderValue::from_bytes(&v)?
+        }
+        None => out.client_ip.clone(),
     };
-    headers.insert(X_FORWARDED_FOR.clone(), HeaderValue::try_from(forwarded_for)?);
+    headers.insert(X_FORWARDED_FOR.clone(), forwarded_for);
     if !(out.trust_forwarded && headers.contains_key(&X_FORWARDED_PROTO)) {
         headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static("http"));
     }
@@ -142,8 +166,16 @@ pub fn prepare_request(parts: &mut http::request::Parts, out: &Outgoing<'_>) -> 
     } else {
         headers.insert(X_FORWARDED_PREFIX.clone(), HeaderValue::from_str(out.prefix)?);
     }
-    parts.uri =
-        Uri::builder().scheme("http").authority(out.upstream.to_string()).path_and_query(out.path_and_query).build()?;
+    if !headers.contains_key(HOST) {
+        // HTTP/1.1 wants a Host; a client that sent none gets the upstream's.
+        headers.insert(HOST, HeaderValue::try_from(out.upstream.to_string())?);
+    }
+    // Origin form, as the app expects from a proxy; the original's bytes when unchanged (host routing).
+    let path_and_query = match parts.uri.path_and_query() {
+        Some(pq) if pq.as_str() == out.path_and_query => pq.clone(),
+        _ => PathAndQuery::try_from(out.path_and_query)?,
+    };
+    parts.uri = Uri::from(path_and_query);
     parts.version = Version::HTTP_11;
     Ok(())
 }
@@ -162,9 +194,9 @@ pub enum ForwardError {
 }
 
 /// A forwarded response, or a switched protocol with its two ends to splice.
-pub enum Forwarded {
-    Response(Response<Incoming>),
-    Upgraded { response: Response<Incoming>, tunnel: Tunnel },
+pub enum Forwarded<B> {
+    Response(Response<B>),
+    Upgraded { response: Response<B>, tunnel: Tunnel },
 }
 
 /// Both sides of an upgraded connection.
@@ -183,52 +215,227 @@ impl Tunnel {
     }
 }
 
-/// The pooled upstream client.
+/// One worker's upstream client: HTTP/1.1 keep-alive connections per
+/// endpoint, driven on the worker's own event loop. A connection goes back to
+/// the pool when its response body has been read to the end; one whose body
+/// was dropped early, or that upgraded, is closed.
 pub struct Forwarder {
-    client: Client<HttpConnector, Incoming>,
+    pool: Arc<Pool>,
+    connect_timeout: Duration,
     header_timeout: Duration,
+}
+
+type Sender = http1::SendRequest<Incoming>;
+
+#[derive(Default)]
+struct Pool {
+    /// Worker-local: the lock is never contended, it only makes the pool `Sync`.
+    idle: Mutex<HashMap<SocketAddr, Vec<(Sender, Instant)>>>,
+}
+
+impl Pool {
+    /// An idle connection to `upstream` ready for a request, if there is one.
+    fn checkout(&self, upstream: SocketAddr) -> Option<Sender> {
+        let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
+        let list = idle.get_mut(&upstream)?;
+        let mut found = None;
+        let mut not_yet = Vec::new();
+        // Most recently used first: it is the least likely to be closing.
+        while let Some((sender, since)) = list.pop() {
+            if sender.is_closed() || since.elapsed() >= POOL_IDLE_TIMEOUT {
+                continue;
+            }
+            if sender.is_ready() {
+                found = Some(sender);
+                break;
+            }
+            // Its connection has not finished the previous exchange yet.
+            not_yet.push((sender, since));
+        }
+        list.extend(not_yet);
+        found
+    }
+
+    fn put(&self, upstream: SocketAddr, sender: Sender) {
+        if sender.is_closed() {
+            return;
+        }
+        let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
+        idle.entry(upstream).or_default().push((sender, Instant::now()));
+    }
+
+    /// Drops connections idle for too long (they would only be refused later).
+    fn sweep(&self) {
+        let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
+        for list in idle.values_mut() {
+            list.retain(|(sender, since)| !sender.is_closed() && since.elapsed() < POOL_IDLE_TIMEOUT);
+        }
+        idle.retain(|_, list| !list.is_empty());
+    }
+}
+
+/// An upstream response body; returns its connection to the pool once read to the end.
+pub struct UpstreamBody {
+    body: Incoming,
+    /// Where the connection goes back when the body has ended.
+    conn: Option<(Arc<Pool>, SocketAddr, Sender)>,
+    ended: bool,
+}
+
+impl hyper::body::Body for UpstreamBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, hyper::Error>>> {
+        let polled = std::pin::Pin::new(&mut self.body).poll_frame(cx);
+        if let std::task::Poll::Ready(None) = polled {
+            self.ended = true;
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.body.size_hint()
+    }
+}
+
+impl Drop for UpstreamBody {
+    fn drop(&mut self) {
+        if (self.ended || hyper::body::Body::is_end_stream(&self.body))
+            && let Some((pool, upstream, sender)) = self.conn.take()
+        {
+            pool.put(upstream, sender);
+        }
+    }
+}
+
+/// Why a request could not be sent on a connection, and whether it can be retried on another.
+enum SendError {
+    /// The connection was closed before the request was written: the request comes back.
+    Unsent(Box<Request<Incoming>>, hyper::Error),
+    Failed(hyper::Error),
 }
 
 impl Forwarder {
     /// `connect_timeout` bounds the TCP connect; `header_timeout` the wait for
     /// the response head. Nothing bounds a body or a tunnel once it flows.
+    /// Must be created on the runtime that will drive its connections; it
+    /// sweeps idle connections from there until dropped.
     pub fn new(connect_timeout: Duration, header_timeout: Duration) -> Self {
-        let mut connector = HttpConnector::new();
-        connector.set_connect_timeout(Some(connect_timeout));
-        connector.set_nodelay(true);
-        connector.set_keepalive(Some(Duration::from_secs(30)));
-        let client = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(POOL_IDLE_TIMEOUT)
-            .pool_timer(hyper_util::rt::TokioTimer::new())
-            .build(connector);
-        Self { client, header_timeout }
+        let pool = Arc::new(Pool::default());
+        let weak = Arc::downgrade(&pool);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(POOL_IDLE_TIMEOUT);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                match weak.upgrade() {
+                    Some(pool) => pool.sweep(),
+                    None => return,
+                }
+            }
+        });
+        Self { pool, connect_timeout, header_timeout }
     }
 
     /// Sends the request upstream and returns its response head (body still streaming).
-    pub async fn forward(&self, mut req: Request<Incoming>, out: Outgoing<'_>) -> Result<Forwarded, ForwardError> {
+    pub async fn forward(
+        &self,
+        mut req: Request<Incoming>,
+        out: Outgoing<'_>,
+    ) -> Result<Forwarded<UpstreamBody>, ForwardError> {
         let client_upgrade =
             upgrade_protocol(req.version(), req.headers()).is_some().then(|| hyper::upgrade::on(&mut req));
         let (mut parts, body) = req.into_parts();
         prepare_request(&mut parts, &out)?;
         let upstream = out.upstream;
-        let sent = tokio::time::timeout(self.header_timeout, self.client.request(Request::from_parts(parts, body)));
-        let mut response = match sent.await {
-            Err(_) => return Err(ForwardError::Timeout { upstream, timeout: self.header_timeout }),
-            Ok(Err(e)) if e.is_connect() => {
-                return Err(ForwardError::Connect { upstream, reason: source_chain(&e) });
+        let req = Request::from_parts(parts, body);
+        let header_timeout = self.header_timeout;
+        let exchange = async {
+            // A pooled connection the upstream closed meanwhile gives the request
+            // back unsent: it then goes out on a new connection.
+            let req = match self.pool.checkout(upstream) {
+                Some(sender) => match send(sender, req).await {
+                    Ok(done) => return Ok(done),
+                    Err(SendError::Unsent(req, _)) => *req,
+                    Err(SendError::Failed(e)) => return Err(upstream_error(upstream, &e)),
+                },
+                None => req,
+            };
+            let sender = self.connect(upstream).await?;
+            match send(sender, req).await {
+                Ok(done) => Ok(done),
+                Err(SendError::Unsent(_, e) | SendError::Failed(e)) => Err(upstream_error(upstream, &e)),
             }
-            Ok(Err(e)) => return Err(ForwardError::Upstream { upstream, reason: source_chain(&e) }),
-            Ok(Ok(r)) => r,
         };
-        if response.status() == StatusCode::SWITCHING_PROTOCOLS
-            && let Some(client) = client_upgrade
-        {
+        let (mut response, sender) = match tokio::time::timeout(header_timeout, exchange).await {
+            Err(_) => return Err(ForwardError::Timeout { upstream, timeout: header_timeout }),
+            Ok(result) => result?,
+        };
+        // After a switch of protocols the connection belongs to the tunnel (or is closed): never pooled.
+        let switched = response.status() == StatusCode::SWITCHING_PROTOCOLS;
+        if switched && let Some(client) = client_upgrade {
             let upstream = hyper::upgrade::on(&mut response);
+            let response = response.map(|body| UpstreamBody { body, conn: None, ended: false });
             return Ok(Forwarded::Upgraded { response, tunnel: Tunnel { client, upstream } });
         }
         strip_hop_by_hop(response.headers_mut());
-        Ok(Forwarded::Response(response))
+        let conn = (!switched).then(|| (Arc::clone(&self.pool), upstream, sender));
+        Ok(Forwarded::Response(response.map(|body| UpstreamBody { body, conn, ended: false })))
     }
+
+    /// A new connection to `upstream`, driven by a task on this worker.
+    async fn connect(&self, upstream: SocketAddr) -> Result<Sender, ForwardError> {
+        let refused = |e: &dyn std::fmt::Display| ForwardError::Connect { upstream, reason: e.to_string() };
+        let socket = if upstream.is_ipv4() { TcpSocket::new_v4() } else { TcpSocket::new_v6() };
+        let socket = socket.map_err(|e| refused(&e))?;
+        let stream = match tokio::time::timeout(self.connect_timeout, socket.connect(upstream)).await {
+            Err(_) => return Err(refused(&format!("no answer within {:?}", self.connect_timeout))),
+            Ok(Err(e)) => return Err(refused(&e)),
+            Ok(Ok(stream)) => stream,
+        };
+        // Small writes (SSE events, WebSocket frames) must leave at once; a
+        // vanished peer of a quiet stream is noticed within a minute or so.
+        if let Err(e) = stream.set_nodelay(true) {
+            tracing::debug!(%upstream, error = %e, "set_nodelay failed");
+        }
+        let keepalive = socket2::TcpKeepalive::new().with_time(TCP_KEEPALIVE).with_interval(TCP_KEEPALIVE);
+        if let Err(e) = socket2::SockRef::from(&stream).set_tcp_keepalive(&keepalive) {
+            tracing::debug!(%upstream, error = %e, "setting TCP keep-alive failed");
+        }
+        let (sender, conn) = http1::Builder::new()
+            .handshake(TokioIo::new(stream))
+            .await
+            .map_err(|e| ForwardError::Upstream { upstream, reason: source_chain(&e) })?;
+        tokio::spawn(async move {
+            if let Err(e) = conn.with_upgrades().await {
+                tracing::debug!(%upstream, error = %e, "upstream connection ended with an error");
+            }
+        });
+        Ok(sender)
+    }
+}
+
+/// One exchange on a connection: its response head, and the connection for reuse.
+async fn send(mut sender: Sender, req: Request<Incoming>) -> Result<(Response<Incoming>, Sender), SendError> {
+    match sender.try_send_request(req).await {
+        Ok(response) => Ok((response, sender)),
+        Err(mut e) => match e.take_message() {
+            Some(req) => Err(SendError::Unsent(Box::new(req), e.into_error())),
+            None => Err(SendError::Failed(e.into_error())),
+        },
+    }
+}
+
+fn upstream_error(upstream: SocketAddr, e: &hyper::Error) -> ForwardError {
+    ForwardError::Upstream { upstream, reason: source_chain(e) }
 }
 
 /// An error and its causes, deduplicated: hyper-util's errors wrap the useful
@@ -254,11 +461,13 @@ mod tests {
         req.into_parts().0
     }
 
+    static CLIENT_IP: HeaderValue = HeaderValue::from_static("192.168.1.9");
+
     fn out(prefix: &str, trust: bool) -> Outgoing<'_> {
         Outgoing {
             upstream: SocketAddr::from(([10, 0, 0, 5], 7860)),
             path_and_query: "/queue/join?x=1",
-            client_addr: SocketAddr::from(([192, 168, 1, 9], 50000)),
+            client_ip: &CLIENT_IP,
             prefix,
             strip_authorization: true,
             trust_forwarded: trust,
@@ -292,8 +501,14 @@ mod tests {
         assert_eq!(h["x-forwarded-host"], "proxy.example.com");
         assert_eq!(h["x-forwarded-prefix"], "/spaces/a/b");
         assert_eq!(h["accept"], "text/event-stream");
-        assert_eq!(p.uri, "http://10.0.0.5:7860/queue/join?x=1");
+        assert_eq!(p.uri, "/queue/join?x=1");
         assert_eq!(p.version, Version::HTTP_11);
+    }
+
+    #[test]
+    fn client_ip_is_canonical() {
+        assert_eq!(client_ip("[::ffff:10.1.2.3]:80".parse().expect("addr")), "10.1.2.3");
+        assert_eq!(client_ip("[::1]:80".parse().expect("addr")), "::1");
     }
 
     #[test]

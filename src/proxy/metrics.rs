@@ -1,5 +1,8 @@
 //! Prometheus metrics per Space, served at `/metrics`.
 
+use std::collections::HashMap;
+use std::sync::{Arc, OnceLock, PoisonError, RwLock};
+
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -66,6 +69,39 @@ pub struct Metrics {
     tunnels: Family<SpaceLabels, Gauge>,
     upstream_errors: Family<SpaceLabels, Counter>,
     unmatched: Counter,
+    spaces: RwLock<HashMap<SpaceKey, Arc<SpaceMetrics>>>,
+}
+
+/// The lowest status code with a slot in [`SpaceMetrics`]; codes 100..=599 have one.
+const FIRST_CODE: u16 = 100;
+const CODES: usize = 500;
+
+/// One Space's request metrics, resolved once: recording a request takes no
+/// label allocation and no map lookup (the proxy's workers cache these).
+pub struct SpaceMetrics {
+    labels: SpaceLabels,
+    requests: Family<CodeLabels, Counter>,
+    duration: Histogram,
+    /// The Space's request counter per status code, filled on first use.
+    by_code: Box<[OnceLock<Counter>]>,
+}
+
+impl SpaceMetrics {
+    /// A request answered with `code`, its response head after `seconds`.
+    pub fn request(&self, code: u16, seconds: f64) {
+        self.duration.observe(seconds);
+        let slot = code.checked_sub(FIRST_CODE).and_then(|i| self.by_code.get(usize::from(i)));
+        match slot {
+            Some(slot) => slot.get_or_init(|| self.counter(code)).inc(),
+            None => self.counter(code).inc(),
+        };
+    }
+
+    fn counter(&self, code: u16) -> Counter {
+        let SpaceLabels { namespace, space } = self.labels.clone();
+        // A clone shares the family's value: increments show in the exposition.
+        self.requests.get_or_create(&CodeLabels { namespace, space, code }).clone()
+    }
 }
 
 impl Default for Metrics {
@@ -122,14 +158,30 @@ impl Metrics {
             tunnels,
             upstream_errors,
             unmatched,
+            spaces: RwLock::new(HashMap::new()),
         }
     }
 
+    /// The Space's request metrics (created on first use).
+    pub fn space(&self, key: &SpaceKey) -> Arc<SpaceMetrics> {
+        if let Some(m) = self.spaces.read().unwrap_or_else(PoisonError::into_inner).get(key) {
+            return Arc::clone(m);
+        }
+        let mut spaces = self.spaces.write().unwrap_or_else(PoisonError::into_inner);
+        let m = spaces.entry(key.clone()).or_insert_with(|| {
+            let labels = SpaceLabels::from(key);
+            Arc::new(SpaceMetrics {
+                duration: self.duration.get_or_create(&labels).clone(),
+                requests: self.requests.clone(),
+                labels,
+                by_code: (0..CODES).map(|_| OnceLock::new()).collect(),
+            })
+        });
+        Arc::clone(m)
+    }
+
     pub fn request(&self, key: &SpaceKey, code: u16, seconds: f64) {
-        let labels = SpaceLabels::from(key);
-        self.duration.get_or_create(&labels).observe(seconds);
-        let SpaceLabels { namespace, space } = labels;
-        self.requests.get_or_create(&CodeLabels { namespace, space, code }).inc();
+        self.space(key).request(code, seconds);
     }
 
     pub fn wake(&self, key: &SpaceKey, tier: &'static str) {

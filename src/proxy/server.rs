@@ -1,11 +1,13 @@
 //! The listener: accepts HTTP/1.1 and HTTP/2 (h2c) connections, decides per
 //! request (route, auth, wake/hold, forward), and drains on shutdown.
 
+use std::collections::HashMap;
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::num::NonZeroUsize;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use http::header::{CACHE_CONTROL, CONTENT_TYPE, HOST, LOCATION, RETRY_AFTER, WWW_AUTHENTICATE};
@@ -15,17 +17,18 @@ use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use tokio::net::TcpListener;
-use tokio::sync::watch;
+use tokio::net::{TcpListener, TcpSocket};
+use tokio::runtime::Handle;
+use tokio::sync::{oneshot, watch};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
+use tokio_util::task::{AbortOnDropHandle, TaskTracker};
 
-use super::activity::Activity;
-use super::forward::{ForwardError, Forwarded, Forwarder, Outgoing, ProxyBody, full_body, stream_body};
+use super::activity::{Activity, SpaceActivity};
+use super::forward::{self, ForwardError, Forwarded, Forwarder, Outgoing, ProxyBody, full_body, stream_body};
 use super::loading;
-use super::metrics::Metrics;
-use super::route::{Access, Disposition, Match, Resolution, RouteTable, SpaceRoute};
+use super::metrics::{Metrics, SpaceMetrics};
+use super::route::{Access, Disposition, Match, Resolution, RouteTable, SpaceKey, SpaceRoute};
 use super::source::RouteSource;
 use super::wake::{self, WaitOutcome, Wakes};
 use crate::space::{Stage, naming};
@@ -48,6 +51,9 @@ pub struct ProxyConfig {
     pub drain_timeout: Duration,
     /// Activity records per Space at most this often.
     pub activity_interval: Duration,
+    /// Threads serving connections, each with its own event loop and upstream
+    /// pool; 0: one per CPU.
+    pub workers: usize,
 }
 
 impl Default for ProxyConfig {
@@ -61,14 +67,15 @@ impl Default for ProxyConfig {
             trust_forwarded_headers: false,
             drain_timeout: Duration::from_secs(30),
             activity_interval: naming::LEASE_RENEW_INTERVAL,
+            workers: 0,
         }
     }
 }
 
+/// What the workers share.
 struct Inner {
     config: ProxyConfig,
     routes: watch::Receiver<Arc<RouteTable>>,
-    forwarder: Forwarder,
     activity: Arc<Activity>,
     wakes: Arc<Wakes>,
     metrics: Arc<Metrics>,
@@ -76,6 +83,24 @@ struct Inner {
     tunnels: TaskTracker,
     /// Cancelled when the drain period is over: closes what is still open.
     hard_stop: CancellationToken,
+    /// The runtime that started the proxy: wakes and held requests wait there,
+    /// so a source's clients (Kubernetes, Docker) never live on a worker's event loop.
+    main: Handle,
+}
+
+/// One worker's state: its own upstream pool and per-Space handles, so a
+/// request and its upstream connection stay on one thread.
+struct Worker {
+    inner: Arc<Inner>,
+    forwarder: Forwarder,
+    spaces: Mutex<HashMap<SpaceKey, SpaceHandles>>,
+}
+
+/// A Space's metrics and activity state, looked up once per worker.
+#[derive(Clone)]
+struct SpaceHandles {
+    metrics: Arc<SpaceMetrics>,
+    activity: Arc<SpaceActivity>,
 }
 
 /// A running proxy: its bound addresses and a way to stop it.
@@ -101,20 +126,62 @@ impl ProxyHandle {
 }
 
 /// Binds the listeners and serves in the background until [`ProxyHandle::shutdown`].
+///
+/// Connections are served by `workers` threads, each with its own
+/// current-thread runtime and upstream pool, all accepting from the one
+/// listening socket (like nginx's workers): no request hops between threads.
+/// A shared socket rather than one `SO_REUSEPORT` socket per worker keeps
+/// "address in use" an error when another proxy already listens there.
 pub async fn start(config: ProxyConfig, source: Arc<dyn RouteSource>) -> crate::Result<ProxyHandle> {
-    let listener = TcpListener::bind(config.listen).await?;
+    let listener = bind(config.listen)?;
     let admin = match config.admin_listen {
         Some(addr) => Some(TcpListener::bind(addr).await?),
         None => None,
     };
     let addr = listener.local_addr()?;
     let admin_addr = admin.as_ref().map(TcpListener::local_addr).transpose()?;
+    let count = match config.workers {
+        0 => std::thread::available_parallelism().map_or(1, NonZeroUsize::get),
+        n => n,
+    };
     let shutdown = CancellationToken::new();
     let inner = Arc::new(Inner::new(config, source));
+    let mut workers = Vec::with_capacity(count);
+    for i in 0..count {
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+        let listener = listener.try_clone()?;
+        let (drained_tx, drained) = oneshot::channel();
+        let (done_tx, done) = oneshot::channel();
+        let (inner, shutdown) = (Arc::clone(&inner), shutdown.clone());
+        std::thread::Builder::new().name(format!("hangar-proxy-{i}")).spawn(move || {
+            runtime.block_on(async move {
+                match TcpListener::from_std(listener) {
+                    Ok(listener) => serve_listener(Worker::new(Arc::clone(&inner)), listener, false, shutdown).await,
+                    Err(e) => tracing::error!(error = %e, "proxy worker cannot listen"),
+                }
+                let _ = drained_tx.send(());
+                // Tunnels run on this runtime: keep it until they end (at the hard stop at the latest).
+                inner.tunnels.wait().await;
+            });
+            // Dropping the runtime closes whatever outlived the drain.
+            drop(runtime);
+            let _ = done_tx.send(());
+        })?;
+        workers.push((drained, done));
+    }
+    drop(listener);
     let metrics = Arc::clone(&inner.metrics);
-    let task = tokio::spawn(serve(inner, listener, admin, shutdown.clone()));
-    tracing::info!(%addr, ?admin_addr, "proxy listening");
+    let task = tokio::spawn(supervise(inner, workers, admin, shutdown.clone()));
+    tracing::info!(%addr, ?admin_addr, workers = count, "proxy listening");
     Ok(ProxyHandle { addr, admin_addr, metrics, shutdown, task })
+}
+
+/// The listening socket, non-blocking, for the workers to share.
+fn bind(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
+    let socket = if addr.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(1024)?.into_std()
 }
 
 /// Serves until `shutdown` completes, then drains (the CLI entry point).
@@ -134,38 +201,69 @@ impl Inner {
         let metrics = Arc::new(Metrics::new());
         Self {
             routes: source.routes(),
-            forwarder: Forwarder::new(config.connect_timeout, config.header_timeout),
             activity: Activity::new(Arc::clone(&source), config.activity_interval),
             wakes: Wakes::new(Arc::clone(&source), Arc::clone(&metrics), config.max_held_per_space),
             metrics,
             next_endpoint: AtomicUsize::new(0),
             tunnels: TaskTracker::new(),
             hard_stop: CancellationToken::new(),
+            main: Handle::current(),
             config,
         }
     }
 }
 
-async fn serve(
+type WorkerExit = (oneshot::Receiver<()>, oneshot::Receiver<()>);
+
+/// Runs the activity ticker and the admin listener, and on shutdown drains the workers.
+async fn supervise(
     inner: Arc<Inner>,
-    listener: TcpListener,
+    workers: Vec<WorkerExit>,
     admin: Option<TcpListener>,
     shutdown: CancellationToken,
 ) -> crate::Result<()> {
+    // Should this task be dropped (its runtime ends), the workers stop too.
+    let _stop_workers = (shutdown.clone().drop_guard(), inner.hard_stop.clone().drop_guard());
     let ticker = tokio::spawn(Arc::clone(&inner.activity).run(inner.hard_stop.clone()));
+    let admin = admin.map(|l| tokio::spawn(serve_listener(Worker::new(Arc::clone(&inner)), l, true, shutdown.clone())));
+    shutdown.cancelled().await;
+    inner.tunnels.close();
+    let (drained, done): (Vec<_>, Vec<_>) = workers.into_iter().unzip();
+    let drain = async {
+        for d in drained {
+            let _ = d.await;
+        }
+        if let Some(admin) = admin {
+            let _ = admin.await;
+        }
+        inner.tunnels.wait().await;
+    };
+    if tokio::time::timeout(inner.config.drain_timeout, drain).await.is_err() {
+        tracing::warn!("drain timeout reached: closing what is still open");
+    }
+    inner.hard_stop.cancel();
+    for d in done {
+        let _ = d.await;
+    }
+    if let Err(e) = ticker.await {
+        tracing::warn!(error = %e, "activity ticker failed");
+    }
+    Ok(())
+}
+
+/// Accepts and serves connections until `shutdown`, then waits for them to
+/// finish (or for the hard stop).
+async fn serve_listener(worker: Worker, listener: TcpListener, is_admin: bool, shutdown: CancellationToken) {
+    let worker = Arc::new(worker);
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder.http1().timer(TokioTimer::new()).header_read_timeout(Duration::from_secs(30));
     let builder = Arc::new(builder);
     loop {
-        let (stream, peer, is_admin) = tokio::select! {
+        let (stream, peer) = tokio::select! {
             () = shutdown.cancelled() => break,
             accepted = listener.accept() => match accepted {
-                Ok((s, p)) => (s, p, false),
-                Err(e) => { accept_error(e).await; continue; }
-            },
-            accepted = accept_opt(admin.as_ref()) => match accepted {
-                Ok((s, p)) => (s, p, true),
+                Ok(accepted) => accepted,
                 Err(e) => { accept_error(e).await; continue; }
             },
         };
@@ -173,17 +271,20 @@ async fn serve(
         if let Err(e) = stream.set_nodelay(true) {
             tracing::debug!(error = %e, "set_nodelay failed");
         }
-        let inner = Arc::clone(&inner);
+        let worker = Arc::clone(&worker);
         let builder = Arc::clone(&builder);
         let watcher = graceful.watcher();
         tokio::spawn(async move {
+            // Computed once per connection, not per request.
+            let client_ip = forward::client_ip(peer);
             let service = service_fn(move |req| {
-                let inner = Arc::clone(&inner);
+                let worker = Arc::clone(&worker);
+                let client_ip = client_ip.clone();
                 async move {
                     Ok::<_, Infallible>(if is_admin {
-                        admin_request(&inner, &req)
+                        admin_request(&worker.inner, &req)
                     } else {
-                        inner.handle(req, peer).await
+                        worker.handle(req, &client_ip).await
                     })
                 }
             });
@@ -194,27 +295,9 @@ async fn serve(
         });
     }
     drop(listener);
-    drop(admin);
-    inner.tunnels.close();
-    let drain = async {
-        graceful.shutdown().await;
-        inner.tunnels.wait().await;
-    };
-    if tokio::time::timeout(inner.config.drain_timeout, drain).await.is_err() {
-        tracing::warn!("drain timeout reached: closing what is still open");
-    }
-    inner.hard_stop.cancel();
-    inner.tunnels.wait().await;
-    if let Err(e) = ticker.await {
-        tracing::warn!(error = %e, "activity ticker failed");
-    }
-    Ok(())
-}
-
-async fn accept_opt(listener: Option<&TcpListener>) -> std::io::Result<(tokio::net::TcpStream, SocketAddr)> {
-    match listener {
-        Some(l) => l.accept().await,
-        None => std::future::pending().await,
+    tokio::select! {
+        () = graceful.shutdown() => {}
+        () = worker.inner.hard_stop.cancelled() => {}
     }
 }
 
@@ -260,29 +343,51 @@ fn stage_text(stage: Stage, message: Option<&str>) -> String {
     }
 }
 
-impl Inner {
-    async fn handle(&self, req: Request<Incoming>, peer: SocketAddr) -> Response<ProxyBody> {
+impl Worker {
+    fn new(inner: Arc<Inner>) -> Self {
+        let forwarder = Forwarder::new(inner.config.connect_timeout, inner.config.header_timeout);
+        Self { inner, forwarder, spaces: Mutex::new(HashMap::new()) }
+    }
+
+    /// The Space's handles, from this worker's cache.
+    fn space(&self, key: &SpaceKey) -> SpaceHandles {
+        let mut spaces = self.spaces.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(h) = spaces.get(key) {
+            return h.clone();
+        }
+        let h = SpaceHandles { metrics: self.inner.metrics.space(key), activity: self.inner.activity.entry(key) };
+        spaces.insert(key.clone(), h.clone());
+        h
+    }
+
+    async fn handle(&self, req: Request<Incoming>, client_ip: &HeaderValue) -> Response<ProxyBody> {
         let start = Instant::now();
-        let table = Arc::clone(&self.routes.borrow());
+        let table = Arc::clone(&self.inner.routes.borrow());
         let host =
             req.headers().get(HOST).and_then(|h| h.to_str().ok()).or_else(|| req.uri().authority().map(|a| a.as_str()));
         let path_and_query = req.uri().path_and_query().map_or("/", |pq| pq.as_str());
         match table.resolve(host, path_and_query) {
-            Resolution::NotASpace => admin_request(self, &req),
+            Resolution::NotASpace => admin_request(&self.inner, &req),
             Resolution::UnknownSpace => {
-                self.metrics.unmatched();
+                self.inner.metrics.unmatched();
                 text(StatusCode::NOT_FOUND, "404 Not Found: no such Space\n")
             }
             Resolution::Space(m) => {
-                let key = m.route.key.clone();
-                let response = self.space_request(req, m, peer).await;
-                self.metrics.request(&key, response.status().as_u16(), start.elapsed().as_secs_f64());
+                let space = self.space(&m.route.key);
+                let response = self.space_request(req, m, &space, client_ip).await;
+                space.metrics.request(response.status().as_u16(), start.elapsed().as_secs_f64());
                 response
             }
         }
     }
 
-    async fn space_request(&self, req: Request<Incoming>, m: Match, peer: SocketAddr) -> Response<ProxyBody> {
+    async fn space_request(
+        &self,
+        req: Request<Incoming>,
+        m: Match,
+        space: &SpaceHandles,
+        client_ip: &HeaderValue,
+    ) -> Response<ProxyBody> {
         let route = Arc::clone(&m.route);
         let key = &route.key;
         if !super::auth::allowed(&route.access, req.headers()) {
@@ -304,7 +409,7 @@ impl Inner {
         }
         let route = match route.disposition() {
             Disposition::Forward => route,
-            Disposition::Paused => return self.paused(&route),
+            Disposition::Paused => return paused(&route),
             Disposition::Unavailable(stage) => {
                 return text(
                     StatusCode::SERVICE_UNAVAILABLE,
@@ -315,15 +420,18 @@ impl Inner {
                 );
             }
             disposition @ (Disposition::Wake | Disposition::Hold) => {
-                self.activity.touch(key);
+                let inner = &self.inner;
+                inner.activity.touch_entry(&space.activity);
                 if disposition == Disposition::Wake {
-                    self.wakes.signal(key);
+                    // The wake is sent from the main runtime (see `Inner::main`).
+                    let _main = inner.main.enter();
+                    inner.wakes.signal(key);
                 }
                 // A frozen Space answers in milliseconds once thawed: no loading page.
                 if route.frozen.is_none() && loading::wants_html(req.method(), req.headers()) {
-                    return self.loading_page(&route);
+                    return loading_page(&route);
                 }
-                let Some(_hold) = self.wakes.hold(key) else {
+                let Some(hold) = inner.wakes.hold(key) else {
                     return retry_after(
                         text(
                             StatusCode::SERVICE_UNAVAILABLE,
@@ -334,10 +442,27 @@ impl Inner {
                         loading::RELOAD_SECONDS * 5,
                     );
                 };
-                match wake::wait_ready(&self.wakes, self.routes.clone(), key, route.startup_timeout).await {
+                // Held on the main runtime, which also sends the wake signals
+                // the wait may repeat; aborted if this request goes away.
+                let (wakes, routes, waited_key) = (Arc::clone(&inner.wakes), inner.routes.clone(), key.clone());
+                let timeout = route.startup_timeout;
+                let wait = AbortOnDropHandle::new(inner.main.spawn(async move {
+                    let _hold = hold;
+                    wake::wait_ready(&wakes, routes, &waited_key, timeout).await
+                }));
+                let outcome = match wait.await {
+                    Ok(outcome) => outcome,
+                    Err(e) => {
+                        return text(
+                            StatusCode::SERVICE_UNAVAILABLE,
+                            format!("503 Service Unavailable: waiting for {key} failed: {e}\n"),
+                        );
+                    }
+                };
+                match outcome {
                     WaitOutcome::Ready(ready) => ready,
                     WaitOutcome::Gone => return text(StatusCode::NOT_FOUND, "404 Not Found: no such Space\n"),
-                    WaitOutcome::Paused => return self.paused(&route),
+                    WaitOutcome::Paused => return paused(&route),
                     WaitOutcome::Unavailable(stage) => {
                         return text(
                             StatusCode::SERVICE_UNAVAILABLE,
@@ -359,48 +484,50 @@ impl Inner {
                 }
             }
         };
-        self.forward(req, &m, route, peer).await
+        self.forward(req, &m, route, space, client_ip).await
     }
+}
 
-    fn paused(&self, route: &SpaceRoute) -> Response<ProxyBody> {
-        text(
-            StatusCode::SERVICE_UNAVAILABLE,
-            format!("503 Service Unavailable: {} is paused by its owner\n", route.key),
-        )
-    }
+fn paused(route: &SpaceRoute) -> Response<ProxyBody> {
+    text(StatusCode::SERVICE_UNAVAILABLE, format!("503 Service Unavailable: {} is paused by its owner\n", route.key))
+}
 
-    fn loading_page(&self, route: &SpaceRoute) -> Response<ProxyBody> {
-        let id = naming::space_id(&route.key.namespace, &route.key.name);
-        let mut r = Response::new(full_body(loading::page(&id, route.stage, route.message.as_deref())));
-        *r.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
-        let h = r.headers_mut();
-        h.insert(CONTENT_TYPE, HeaderValue::from_static("text/html; charset=utf-8"));
-        h.insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
-        h.insert(RETRY_AFTER, HeaderValue::from(loading::RELOAD_SECONDS));
-        r
-    }
+fn loading_page(route: &SpaceRoute) -> Response<ProxyBody> {
+    let id = naming::space_id(&route.key.namespace, &route.key.name);
+    let mut r = Response::new(full_body(loading::page(&id, route.stage, route.message.as_deref())));
+    *r.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
+    let h = r.headers_mut();
+    h.insert(CONTENT_TYPE, HeaderValue::from_static("text/html; charset=utf-8"));
+    h.insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    h.insert(RETRY_AFTER, HeaderValue::from(loading::RELOAD_SECONDS));
+    r
+}
 
+impl Worker {
     async fn forward(
         &self,
         req: Request<Incoming>,
         m: &Match,
         route: Arc<SpaceRoute>,
-        peer: SocketAddr,
+        space: &SpaceHandles,
+        client_ip: &HeaderValue,
     ) -> Response<ProxyBody> {
+        let inner = &self.inner;
         let key = &route.key;
-        let n = self.next_endpoint.fetch_add(1, Ordering::Relaxed);
+        // Round robin only matters with several endpoints; one needs no shared counter.
+        let n = if route.endpoints.len() > 1 { inner.next_endpoint.fetch_add(1, Ordering::Relaxed) } else { 0 };
         let Some(&upstream) = route.endpoints.get(n % route.endpoints.len().max(1)) else {
             return text(StatusCode::BAD_GATEWAY, format!("502 Bad Gateway: {key} has no ready endpoint\n"));
         };
         let out = Outgoing {
             upstream,
             path_and_query: &m.upstream_path,
-            client_addr: peer,
+            client_ip,
             prefix: &m.prefix,
             strip_authorization: matches!(route.access, Access::Private { .. }),
-            trust_forwarded: self.config.trust_forwarded_headers,
+            trust_forwarded: inner.config.trust_forwarded_headers,
         };
-        let guard = self.activity.open(key);
+        let guard = inner.activity.open_entry(Arc::clone(&space.activity));
         match self.forwarder.forward(req, out).await {
             Ok(Forwarded::Response(response)) => {
                 let (mut parts, body) = response.into_parts();
@@ -418,11 +545,11 @@ impl Inner {
             }
             Ok(Forwarded::Upgraded { response, tunnel }) => {
                 let (parts, _) = response.into_parts();
-                self.metrics.tunnel(key, 1);
-                let metrics = Arc::clone(&self.metrics);
-                let hard_stop = self.hard_stop.clone();
+                inner.metrics.tunnel(key, 1);
+                let metrics = Arc::clone(&inner.metrics);
+                let hard_stop = inner.hard_stop.clone();
                 let key = key.clone();
-                self.tunnels.spawn(async move {
+                inner.tunnels.spawn(async move {
                     tokio::select! {
                         result = tunnel.run() => {
                             if let Err(e) = result {
@@ -437,7 +564,7 @@ impl Inner {
                 Response::from_parts(parts, full_body(bytes::Bytes::new()))
             }
             Err(e) => {
-                self.metrics.upstream_error(key);
+                inner.metrics.upstream_error(key);
                 tracing::warn!(space = %key, error = %e, "upstream failed");
                 let (status, what) = match &e {
                     ForwardError::Timeout { .. } => (StatusCode::GATEWAY_TIMEOUT, "504 Gateway Timeout"),
