@@ -455,20 +455,74 @@ fn napping_echo(dir: &Path, name: &str, freeze_after: &str, sleep_after: &str) {
     .expect("manifest");
 }
 
+/// A client of the test bed's engine.
+async fn docker_api(env: &TestEnv) -> bollard::Docker {
+    bollard::Docker::connect_with_unix(env.docker_host.trim_start_matches("unix://"), 60, bollard::API_DEFAULT_VERSION)
+        .expect("docker client")
+        .negotiate_version()
+        .await
+        .expect("docker API version")
+}
+
 /// `(running, paused)` of a container, as the Docker API reports its state.
 async fn docker_state(env: &TestEnv, name: &str) -> (bool, bool) {
-    let docker = bollard::Docker::connect_with_unix(
-        env.docker_host.trim_start_matches("unix://"),
-        60,
-        bollard::API_DEFAULT_VERSION,
-    )
-    .expect("docker client")
-    .negotiate_version()
-    .await
-    .expect("docker API version");
-    let c = docker.inspect_container(name, None).await.expect("inspect");
+    let c = docker_api(env).await.inspect_container(name, None).await.expect("inspect");
     let state = c.state.expect("state");
     (state.running.unwrap_or(false), state.paused.unwrap_or(false))
+}
+
+/// The Docker runtime's freeze calls on a real engine, whose answers for the
+/// odd cases differ by version (Engine 20.10 answers 500 to an unpause of a
+/// running container, 409 to a pause of a paused one or a start of a paused one).
+#[tokio::test(flavor = "multi_thread")]
+async fn docker_runtime_pauses_and_thaws() {
+    use hangar::proxy::SpaceKey;
+    use hangar::runtime::{DockerRuntime, RunSpec, Runtime};
+    let env = TestEnv::engine();
+    let owner = unique_name("rt");
+    let _containers = Containers { env: env.clone(), owner: owner.clone() };
+    let runtime = DockerRuntime::new(docker_api(&env).await);
+    let key = SpaceKey::new(owner.as_str(), "still");
+    let name = format!("hangar_{owner}_still");
+    let spec = RunSpec {
+        key: key.clone(),
+        image: env.static_image.clone(),
+        app_port: 8080,
+        env: Default::default(),
+        labels: Default::default(),
+        cpus: None,
+        memory_bytes: None,
+    };
+    runtime.ensure(&spec).await.expect("created");
+    assert!(runtime.pause(&key).await.is_err(), "a container that does not run cannot be frozen");
+    assert!(runtime.unpause(&key).await.is_ok(), "nothing to thaw");
+    let running = runtime.start(&key).await.expect("started");
+    let endpoint = running.endpoint.expect("published");
+    assert!(!running.paused);
+    assert!(runtime.unpause(&key).await.is_ok(), "running, not frozen: nothing to thaw");
+
+    runtime.pause(&key).await.expect("frozen");
+    runtime.pause(&key).await.expect("frozen twice: a no-op");
+    let frozen = runtime.get(&key).await.expect("get").expect("exists");
+    assert!(frozen.running && frozen.paused, "{frozen:?}");
+    assert_eq!(frozen.endpoint, Some(endpoint), "a frozen container keeps its port");
+    assert_eq!(docker_state(&env, &name).await, (true, true));
+    let held = runtime.memory_bytes(&key).await.expect("stats").expect("a frozen container holds memory");
+    assert!(held > 0, "{held}");
+
+    // A start thaws it (a restarted hangar up that wants it awake), same port.
+    let thawed = runtime.start(&key).await.expect("start thaws");
+    assert_eq!((thawed.paused, thawed.endpoint), (false, Some(endpoint)));
+    assert_eq!(docker_state(&env, &name).await, (true, false));
+
+    // A stop while frozen thaws first: the app takes SIGTERM instead of a 10 s kill.
+    runtime.pause(&key).await.expect("frozen");
+    let t = Instant::now();
+    runtime.stop(&key).await.expect("stopped");
+    assert!(t.elapsed() < Duration::from_secs(8), "stopping a frozen container took {:?}", t.elapsed());
+    assert_eq!(docker_state(&env, &name).await, (false, false));
+    assert_eq!(runtime.memory_bytes(&key).await.expect("stats"), None, "a stopped container holds nothing");
+    runtime.remove(&key).await.expect("removed");
 }
 
 /// How many times the engine unpaused `name` since `since` (its event log).
@@ -540,12 +594,12 @@ async fn freezes_when_idle_thaws_once_for_many_and_stops_later() {
     assert_eq!(unpauses_since(&env, &name, since), 1, "exactly one unpause for 50 requests");
     let metrics = client.get(format!("http://{}/metrics", up.addr)).send().await.expect("metrics");
     let metrics = metrics.text().await.expect("metrics text");
-    let wakes: Vec<&str> = metrics
-        .lines()
-        .filter(|l| l.starts_with("hangar_proxy_wakes_total{") && l.contains(&format!(r#"namespace="{owner}""#)))
-        .collect();
-    assert_eq!(wakes.len(), 1, "one wake series:\n{metrics}");
-    assert!(wakes[0].ends_with(" 1"), "one wake:\n{metrics}");
+    let wakes = format!(r#"hangar_proxy_wakes_total{{namespace="{owner}",space="ice",tier="frozen"}} 1"#);
+    assert!(metrics.contains(&wakes), "one wake, of a frozen Space:\n{metrics}");
+    assert!(!metrics.contains(r#"tier="stopped""#), "no cold start:\n{metrics}");
+    let thaw_count =
+        format!(r#"hangar_proxy_wake_duration_seconds_count{{namespace="{owner}",space="ice",tier="frozen"}} 1"#);
+    assert!(metrics.contains(&thaw_count), "the thaw's latency, by tier:\n{metrics}");
 
     // Frozen again, then idle past 10 s: stopped; the next request wakes it the ordinary way.
     up.wait_line("stopped", Duration::from_secs(40), |l| {
@@ -560,6 +614,10 @@ async fn freezes_when_idle_thaws_once_for_many_and_stops_later() {
     assert_eq!(up.count(|l| l.starts_with(&format!("{id}: waking"))), 1, "{}", up.output());
     assert_eq!(up.count(|l| l.starts_with(&format!("{id}: RUNNING (woke in"))), 1, "{}", up.output());
     assert_eq!(containers.list().len(), 1, "one container throughout");
+    let metrics = client.get(format!("http://{}/metrics", up.addr)).send().await.expect("metrics");
+    let metrics = metrics.text().await.expect("metrics text");
+    let woken = format!(r#"hangar_proxy_wakes_total{{namespace="{owner}",space="ice",tier="stopped"}} 1"#);
+    assert!(metrics.contains(&woken), "then one wake of a stopped Space:\n{metrics}");
 
     // Ctrl-C while frozen: thawed, then stopped at once (a frozen app cannot take SIGTERM).
     up.wait_count("frozen a third time", 3, Duration::from_secs(30), |l| l.starts_with(&frozen_line));

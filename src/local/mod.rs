@@ -28,11 +28,11 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
 use crate::builder::{Builder, BuilderConfig, LogStore};
-use crate::proxy::{MemorySource, ProxyConfig, RouteSource, SpaceKey, WakeHandler};
+use crate::proxy::{MemorySource, ProxyConfig, RouteSource, RouteTable, SourceError, SpaceKey, WakeHandler};
 use crate::runtime::{DockerRuntime, Runtime};
 use crate::space::SleepPolicy;
 use state::{Book, UpState};
@@ -249,7 +249,18 @@ pub async fn run(args: UpArgs) -> crate::Result<()> {
             Ok(())
         })
     });
-    source.set_wake_handler(handler);
+    source.set_wake_handler(Arc::clone(&handler));
+    // A frozen Space's supervisor thaws it on the wake signal and publishes its
+    // route ready: the proxy's thaw resolves then and forwards at once.
+    let routes = source.routes();
+    let thaw: WakeHandler = Arc::new(move |key: SpaceKey| {
+        let (wake, routes) = (handler(key.clone()), routes.clone());
+        Box::pin(async move {
+            wake.await?;
+            thawed(routes, &key).await
+        })
+    });
+    source.set_thaw_handler(thaw);
 
     let cancel = CancellationToken::new();
     let mut tasks = tokio::task::JoinSet::new();
@@ -275,6 +286,23 @@ pub async fn run(args: UpArgs) -> crate::Result<()> {
     Ok(())
 }
 
+/// Resolves once `key`'s route is no longer frozen: `Ok` if it serves, an
+/// error if it went elsewhere (stopped meanwhile: the proxy then wakes it the ordinary way).
+async fn thawed(mut routes: watch::Receiver<Arc<RouteTable>>, key: &SpaceKey) -> Result<(), SourceError> {
+    loop {
+        {
+            let table = routes.borrow_and_update();
+            match table.get(key) {
+                None => return Err(SourceError::Other(format!("{key} is gone"))),
+                Some(r) if r.frozen.is_some() => {}
+                Some(r) if r.is_ready() => return Ok(()),
+                Some(_) => return Err(SourceError::Other(format!("{key} was not thawed (no longer frozen)"))),
+            }
+        }
+        routes.changed().await.map_err(|_| SourceError::Other("hangar up is stopping".to_owned()))?;
+    }
+}
+
 /// Removes the containers of Spaces that left this folder.
 async fn remove_orphans(runtime: &dyn Runtime, up_dir: &str, keep: &BTreeSet<SpaceKey>) {
     let instances = match runtime.list().await {
@@ -291,5 +319,48 @@ async fn remove_orphans(runtime: &dyn Runtime, up_dir: &str, keep: &BTreeSet<Spa
                 tracing::warn!(space = %i.key, error = %e, "cannot remove the container");
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proxy::SpaceRoute;
+    use crate::proxy::route::{Frozen, FrozenPod};
+    use crate::space::Stage;
+
+    #[tokio::test]
+    async fn a_thaw_ends_when_the_route_serves_or_goes_elsewhere() {
+        let source = MemorySource::new("d");
+        let key = SpaceKey::new("a", "b");
+        let addr = std::net::SocketAddr::from(([127, 0, 0, 1], 9));
+        let frozen = |r: &mut SpaceRoute| {
+            r.stage = Some(Stage::Sleeping);
+            r.endpoints.clear();
+            r.frozen = Some(Frozen { decision: 1, pods: vec![FrozenPod { addr, node: None, uid: None }] });
+        };
+        let mut route = SpaceRoute::new(key.clone());
+        frozen(&mut route);
+        source.upsert(route);
+        let (routes, k) = (source.routes(), key.clone());
+        let waiter = tokio::spawn(async move { thawed(routes, &k).await });
+        // Frozen still (its memory measured, say): keeps waiting.
+        source.update(&key, |r| r.message = None);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert!(!waiter.is_finished());
+        source.update(&key, |r| {
+            r.stage = Some(Stage::Running);
+            r.frozen = None;
+            r.endpoints = vec![addr];
+        });
+        assert!(waiter.await.expect("task").is_ok(), "thawed and serving");
+        // Stopped instead of thawed: an error, so the proxy wakes it the ordinary way.
+        source.update(&key, frozen);
+        let (routes, k) = (source.routes(), key.clone());
+        let waiter = tokio::spawn(async move { thawed(routes, &k).await });
+        source.update(&key, |r| r.frozen = None);
+        assert!(waiter.await.expect("task").is_err());
+        source.remove(&key);
+        assert!(thawed(source.routes(), &key).await.is_err(), "gone");
     }
 }

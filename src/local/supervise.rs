@@ -17,6 +17,7 @@ use super::discover::{LocalSpace, Origin};
 use super::snapshot;
 use super::state::{Book, SpaceState, from_unix_ms, unix_ms};
 use crate::builder::{BuildRequest, Builder, LogKind};
+use crate::proxy::route::{Frozen, FrozenPod};
 use crate::proxy::{Access, MemorySource, SpaceKey, SpaceRoute};
 use crate::runtime::docker::cpu_limit;
 use crate::runtime::{Ensured, RunSpec, Runtime, RuntimeError, space_env};
@@ -88,6 +89,7 @@ impl Supervisor {
         self.ctx.source.update(&self.key, |r| {
             r.stage = Some(stage);
             r.message = message;
+            r.frozen = None;
             if !stage.is_serving() {
                 r.endpoints.clear();
             }
@@ -103,12 +105,21 @@ impl Supervisor {
         self.ctx.source.update(&self.key, |r| {
             r.stage = Some(Stage::Running);
             r.message = None;
+            r.frozen = None;
             r.endpoints = vec![endpoint];
         });
     }
 
-    /// Asleep in `tier`: requests are held and signal a wake (the route has no endpoint).
-    fn set_sleeping(&self, tier: SleepTier, idle_since: Option<SystemTime>, memory: Option<u64>) {
+    /// Asleep in `tier`: the route has no endpoint, so requests are held;
+    /// a frozen Space's route names its container (`frozen_at`) for the
+    /// proxy's thaw, a stopped one's requests signal a wake.
+    fn set_sleeping(
+        &self,
+        tier: SleepTier,
+        frozen_at: Option<SocketAddr>,
+        idle_since: Option<SystemTime>,
+        memory: Option<u64>,
+    ) {
         let now = unix_ms(SystemTime::now());
         self.ctx.book.update(&self.key.to_string(), &self.url, |s| {
             if s.stage != Stage::Sleeping || s.tier != Some(tier) {
@@ -124,6 +135,14 @@ impl Supervisor {
             r.stage = Some(Stage::Sleeping);
             r.message = None;
             r.endpoints.clear();
+            r.frozen = match (tier, frozen_at) {
+                // Still the same freeze (e.g. its memory measured now): the same decision.
+                (SleepTier::Frozen, Some(addr)) => r.frozen.take().or_else(|| {
+                    let pod = FrozenPod { addr, node: None, uid: None };
+                    Some(Frozen { decision: i64::try_from(now).unwrap_or(i64::MAX), pods: vec![pod] })
+                }),
+                _ => None,
+            };
         });
     }
 
@@ -223,7 +242,7 @@ pub async fn supervise(ctx: Arc<Ctx>, space: LocalSpace, mut wakes: mpsc::Receiv
             match times.tier(now.duration_since(idle_since).unwrap_or_default()).tier {
                 Some(SleepTier::Frozen) => {
                     follow_logs(&ctx, &key, &instance.id, redact.clone());
-                    sup.frozen(idle_since, "SLEEPING (frozen container adopted)").await;
+                    sup.frozen(endpoint, idle_since, "SLEEPING (frozen container adopted)").await;
                     State::Frozen { endpoint, idle_since }
                 }
                 Some(SleepTier::Stopped) => State::Stopping,
@@ -338,7 +357,7 @@ pub async fn supervise(ctx: Arc<Ctx>, space: LocalSpace, mut wakes: mpsc::Receiv
             // Stopped: route first (new requests wait and wake it), then the container.
             State::Stopping => {
                 while wakes.try_recv().is_ok() {}
-                sup.set_sleeping(SleepTier::Stopped, None, None);
+                sup.set_sleeping(SleepTier::Stopped, None, None, None);
                 if let Err(e) = ctx.runtime.stop(&key).await {
                     tracing::warn!(space = %key, error = %e, "cannot stop the idle container");
                 }
@@ -384,7 +403,7 @@ impl Supervisor {
     async fn freeze(&self, endpoint: SocketAddr, idle_since: SystemTime, wakes: &mut mpsc::Receiver<()>) -> State {
         let key = &self.key;
         while wakes.try_recv().is_ok() {}
-        self.set_sleeping(SleepTier::Frozen, Some(idle_since), None);
+        self.set_sleeping(SleepTier::Frozen, Some(endpoint), Some(idle_since), None);
         tokio::time::sleep(FREEZE_GRACE).await;
         let woken = wakes.try_recv().is_ok();
         if woken || last_activity(&self.ctx, key, idle_since) > idle_since {
@@ -396,12 +415,12 @@ impl Supervisor {
             tracing::warn!(space = %key, error = %e, "cannot freeze the idle container; stopping it");
             return State::Stopping;
         }
-        self.frozen(idle_since, "SLEEPING (idle; container frozen)").await;
+        self.frozen(endpoint, idle_since, "SLEEPING (idle; container frozen)").await;
         State::Frozen { endpoint, idle_since }
     }
 
     /// Records a frozen Space (tier, since, the memory it holds) and says so.
-    async fn frozen(&self, idle_since: SystemTime, what: &str) {
+    async fn frozen(&self, endpoint: SocketAddr, idle_since: SystemTime, what: &str) {
         let memory = match self.ctx.runtime.memory_bytes(&self.key).await {
             Ok(m) => m,
             Err(e) => {
@@ -409,7 +428,7 @@ impl Supervisor {
                 None
             }
         };
-        self.set_sleeping(SleepTier::Frozen, Some(idle_since), memory);
+        self.set_sleeping(SleepTier::Frozen, Some(endpoint), Some(idle_since), memory);
         let held = memory.map(|m| format!(", {} MiB held", m >> 20)).unwrap_or_default();
         say(&self.key, &format!("{what}{held}"));
     }

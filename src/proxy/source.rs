@@ -45,7 +45,8 @@ pub trait RouteSource: Send + Sync + 'static {
     }
 }
 
-/// Called by [`MemorySource::wake`]: local mode starts the container here.
+/// Called by [`MemorySource::wake`]: local mode starts the container here
+/// (and by [`MemorySource::thaw`]: local mode unpauses it).
 pub type WakeHandler = Arc<dyn Fn(SpaceKey) -> BoxFuture<'static, Result<(), SourceError>> + Send + Sync>;
 
 #[derive(Default)]
@@ -60,6 +61,7 @@ struct Record {
 pub struct MemorySource {
     tx: watch::Sender<Arc<RouteTable>>,
     wake_handler: Mutex<Option<WakeHandler>>,
+    thaw_handler: Mutex<Option<WakeHandler>>,
     records: Mutex<HashMap<SpaceKey, Record>>,
 }
 
@@ -67,12 +69,23 @@ impl MemorySource {
     /// An empty table for Spaces under `domain`.
     pub fn new(domain: &str) -> Arc<Self> {
         let (tx, _) = watch::channel(Arc::new(RouteTable::new(domain, [])));
-        Arc::new(Self { tx, wake_handler: Mutex::new(None), records: Mutex::new(HashMap::new()) })
+        Arc::new(Self {
+            tx,
+            wake_handler: Mutex::new(None),
+            thaw_handler: Mutex::new(None),
+            records: Mutex::new(HashMap::new()),
+        })
     }
 
     /// Runs `handler` on every wake signal (after counting it).
     pub fn set_wake_handler(&self, handler: WakeHandler) {
         *self.wake_handler.lock().unwrap_or_else(PoisonError::into_inner) = Some(handler);
+    }
+
+    /// Runs `handler` on every thaw of a frozen route; it resolves once the
+    /// Space serves again. Without one a thaw succeeds at once.
+    pub fn set_thaw_handler(&self, handler: WakeHandler) {
+        *self.thaw_handler.lock().unwrap_or_else(PoisonError::into_inner) = Some(handler);
     }
 
     /// The current table.
@@ -146,5 +159,13 @@ impl RouteSource for MemorySource {
             r.last_activity = Some(at);
         });
         Box::pin(async { Ok(()) })
+    }
+
+    fn thaw(&self, route: &SpaceRoute) -> BoxFuture<'static, Result<(), SourceError>> {
+        let handler = self.thaw_handler.lock().unwrap_or_else(PoisonError::into_inner).clone();
+        match handler {
+            Some(h) => h(route.key.clone()),
+            None => Box::pin(async { Ok(()) }),
+        }
     }
 }

@@ -85,14 +85,17 @@ impl DockerRuntime {
         Self::inspect(docker, key).await?.ok_or_else(|| RuntimeError(format!("the container of {key} vanished")))
     }
 
-    /// Thaws the container if it is frozen. The engine answers 409 both for
-    /// "not paused" and "not running": either way nothing is frozen.
+    /// Thaws the container if it is frozen. The engine refuses to unpause a
+    /// container that is not paused (409, or 500 on Engine 20.10, for "not
+    /// paused" and "not running" alike): then its state tells whether that matters.
     async fn thaw(docker: &Docker, key: &SpaceKey) -> Result<(), RuntimeError> {
         match docker.unpause_container(&Self::container_name(key)).await {
             Ok(()) => Ok(()),
-            Err(BollardError::DockerResponseServerError { status_code: 409, .. }) => Ok(()),
             Err(e) if is_not_found(&e) => Ok(()),
-            Err(e) => Err(err("unpausing the container of", key, e)),
+            Err(e) => match Self::inspect(docker, key).await? {
+                Some(i) if i.paused => Err(err("unpausing the container of", key, e)),
+                _ => Ok(()),
+            },
         }
     }
 
@@ -129,8 +132,8 @@ impl Runtime for DockerRuntime {
                 Ok(()) => {}
                 // 304: already running.
                 Err(BollardError::DockerResponseServerError { status_code: 304, .. }) => {}
-                // 409: "cannot start a paused container": it runs, frozen; thaw it.
-                Err(BollardError::DockerResponseServerError { status_code: 409, .. })
+                // "cannot start a paused container" (409, or 500 on Engine 20.10): it runs, frozen; thaw it.
+                Err(BollardError::DockerResponseServerError { status_code: 409 | 500, .. })
                     if Self::inspect(&docker, &key).await?.is_some_and(|i| i.paused) =>
                 {
                     Self::thaw(&docker, &key).await?;
@@ -146,14 +149,11 @@ impl Runtime for DockerRuntime {
         Box::pin(async move {
             match docker.pause_container(&Self::container_name(&key)).await {
                 Ok(()) => Ok(()),
-                // 409: already paused (fine) or not running (an error): the state tells.
-                Err(e @ BollardError::DockerResponseServerError { status_code: 409, .. }) => {
-                    match Self::inspect(&docker, &key).await? {
-                        Some(i) if i.paused => Ok(()),
-                        _ => Err(err("pausing the container of", &key, e)),
-                    }
-                }
-                Err(e) => Err(err("pausing the container of", &key, e)),
+                // Already paused (fine) or not running (an error): the state tells.
+                Err(e) => match Self::inspect(&docker, &key).await? {
+                    Some(i) if i.paused => Ok(()),
+                    _ => Err(err("pausing the container of", &key, e)),
+                },
             }
         })
     }
@@ -182,7 +182,9 @@ impl Runtime for DockerRuntime {
         Box::pin(async move {
             // A frozen app cannot handle SIGTERM: the engine would wait out
             // the whole grace period and kill it. Thawed, it exits cleanly.
-            Self::thaw(&docker, &key).await?;
+            if Self::inspect(&docker, &key).await?.is_some_and(|i| i.paused) {
+                Self::thaw(&docker, &key).await?;
+            }
             let options = StopContainerOptionsBuilder::default().t(STOP_GRACE_SECS).build();
             match docker.stop_container(&Self::container_name(&key), Some(options)).await {
                 Ok(()) => Ok(()),
