@@ -137,6 +137,7 @@ async fn helm_install_runs_hangar_with_the_charts_rbac_and_uninstall_leaves_noth
         ("operator.builder.timeout=soon", "timeout"),
         ("proxy.port=0", "port"),
         ("operator.leaderElection=false,operator.replicas=2", "leaderElection"),
+        ("nodeAgent.freezeAfter.cpu=soon", "freezeAfter"),
     ] {
         let err = support::run_fails(helm().args(["template", "bad"]).arg(&chart).args(["--set", bad]));
         assert!(err.contains(why), "--set {bad}: {err}");
@@ -495,6 +496,16 @@ async fn cluster_wide_rbac_grants_only_what_each_component_uses() {
         ("wide-hangar-proxy", "patch", "leases.coordination.k8s.io", true),
         ("wide-hangar-proxy", "create", "leases.coordination.k8s.io", false),
         ("wide-hangar-proxy", "list", "pods", false),
+        // The frozen tier: the operator records decisions on pods, the node agent acts on them
+        // and advertises itself on its Node, the proxy reads that.
+        ("wide-hangar-operator", "patch", "pods", true),
+        ("wide-hangar-node-agent", "watch", "pods", true),
+        ("wide-hangar-node-agent", "patch", "pods", true),
+        ("wide-hangar-node-agent", "patch", "nodes", true),
+        ("wide-hangar-node-agent", "delete", "pods", false),
+        ("wide-hangar-node-agent", "get", "secrets", false),
+        ("wide-hangar-proxy", "get", "nodes", true),
+        ("wide-hangar-proxy", "patch", "nodes", false),
         ("wide-hangar-webhook", "patch", "spaces.hangar.dev", true),
         ("wide-hangar-webhook", "list", "spaces.hangar.dev", false),
         ("wide-hangar-webhook", "create", "spaces.hangar.dev", false),

@@ -32,6 +32,9 @@ struct PodInfo {
     name: String,
     space: String,
     running: bool,
+    /// Being deleted: never frozen (a frozen process cannot take its SIGTERM,
+    /// and on cgroup v1 not even a SIGKILL, so the pod would never go).
+    terminating: bool,
     decision: Option<DecisionId>,
     /// The newest decision a thaw overrode (from the pod's record, then ours).
     thawed_over: Option<DecisionId>,
@@ -148,8 +151,7 @@ impl Agent {
         let annotations = pod.metadata.annotations.clone().unwrap_or_default();
         let record = FreezerRecord::from_annotations(&annotations);
         let recorded_thaw = record.as_ref().filter(|r| r.state == RecordedState::Thawed).and_then(|r| r.decision);
-        let running = pod.metadata.deletion_timestamp.is_none()
-            && pod.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running");
+        let running = pod.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running");
         let mut pods = self.pods();
         let previous = pods.get(&uid).and_then(|p| p.thawed_over);
         let info = PodInfo {
@@ -157,6 +159,7 @@ impl Agent {
             name: pod.name_any(),
             space: pod.labels().get(SPACE_LABEL).cloned().unwrap_or_default(),
             running,
+            terminating: pod.metadata.deletion_timestamp.is_some(),
             decision: decision::decision(&annotations),
             thawed_over: merge_thawed(previous, recorded_thaw),
             record,
@@ -193,11 +196,11 @@ impl Agent {
         let lock = self.lock_of(uid);
         let _guard = lock.lock().await;
         let Some(info) = self.pods().get(uid).cloned() else { return };
-        if !info.running {
+        if !info.running && !info.terminating {
             return;
         }
         let Some(cgroup) = self.cgroups.find(uid) else { return };
-        let want_frozen = decision::should_freeze(info.decision, info.thawed_over);
+        let want_frozen = !info.terminating && decision::should_freeze(info.decision, info.thawed_over);
         let state = match self.cgroups.state(&cgroup).await {
             Ok(s) => s,
             Err(e) => {

@@ -69,6 +69,7 @@ async fn thaw(State(state): State<ApiState>, headers: HeaderMap, Json(target): J
         return (StatusCode::SERVICE_UNAVAILABLE, "503 Service Unavailable: pods not listed yet\n").into_response();
     }
     let report = state.agent.thaw(&target).await;
+    tracing::debug!(?target, ?report, "thaw request");
     if report.pods == 0 {
         return (StatusCode::NOT_FOUND, Json(report)).into_response();
     }

@@ -70,7 +70,7 @@ impl KubeSource {
         let (synced_tx, synced) = watch::channel(false);
         let agents = Arc::new(NodeAgents::new(client.clone(), node_agent_token, config.namespace.as_deref()));
         let this = Arc::new(Self { client: client.clone(), tx: tx.clone(), synced, agents });
-        tokio::spawn(watch_all(client, config, tx, synced_tx, cancel));
+        tokio::spawn(watch_all(client, config, tx, synced_tx, Arc::clone(&this.agents), cancel));
         this
     }
 
@@ -155,6 +155,7 @@ async fn watch_all(
     config: KubeSourceConfig,
     tx: watch::Sender<Arc<RouteTable>>,
     synced: watch::Sender<bool>,
+    agents: Arc<NodeAgents>,
     cancel: CancellationToken,
 ) {
     let ns = config.namespace.as_deref();
@@ -189,6 +190,7 @@ async fn watch_all(
             ok = &mut ready, if !is_synced => {
                 is_synced = ok;
                 publish(&tx, &config.domain, &spaces, &slices, &secrets);
+                agents.prepare(&tx.borrow());
                 synced.send_replace(ok);
                 continue;
             }
@@ -204,6 +206,7 @@ async fn watch_all(
         }
         if is_synced {
             publish(&tx, &config.domain, &spaces, &slices, &secrets);
+            agents.prepare(&tx.borrow());
         }
     }
 }

@@ -4,8 +4,8 @@
 //! Node; the proxy reads it once per node and again after a failure (an
 //! agent restarted elsewhere).
 
-use std::collections::HashMap;
-use std::sync::{Mutex, PoisonError};
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -19,7 +19,7 @@ use k8s_openapi::api::core::v1::Node;
 use kube::{Api, Client};
 use serde_json::json;
 
-use super::route::{Frozen, FrozenPod};
+use super::route::{Frozen, FrozenPod, RouteTable};
 use super::source::SourceError;
 use crate::space::naming;
 
@@ -70,6 +70,28 @@ impl NodeAgents {
         Ok(url)
     }
 
+    /// Looks up, ahead of any request, the agents of the nodes frozen Spaces
+    /// run on: a thaw then costs one loopback-or-pod-network round trip.
+    pub fn prepare(self: &Arc<Self>, table: &RouteTable) {
+        if self.authorization.is_none() {
+            return;
+        }
+        let nodes: HashSet<String> = table
+            .routes()
+            .filter_map(|r| r.frozen.as_ref())
+            .flat_map(|f| f.pods.iter().filter_map(|p| p.node.clone()))
+            .filter(|node| self.cached(node).is_none())
+            .collect();
+        for node in nodes {
+            let this = Arc::clone(self);
+            tokio::spawn(async move {
+                if let Err(e) = this.url(&node, false).await {
+                    tracing::debug!(%node, error = %e, "no node agent URL yet");
+                }
+            });
+        }
+    }
+
     /// Thaws every pod of a frozen Space; returns once all are THAWED.
     pub async fn thaw(&self, frozen: &Frozen) -> Result<(), SourceError> {
         let Some(authorization) = &self.authorization else {
@@ -113,6 +135,7 @@ impl NodeAgents {
             .map_err(|_| fail(format!("no answer within {THAW_TIMEOUT:?}")))?
             .map_err(|e| fail(e.to_string()))?;
         let status = response.status();
+        tracing::debug!(agent = base, %status, "thaw answered");
         let text = response.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
         match status {
             StatusCode::OK => Ok(()),

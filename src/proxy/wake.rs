@@ -131,13 +131,15 @@ impl Wakes {
         let renew = self.source.wake(key);
         let (metrics, task_key) = (Arc::clone(&self.metrics), key.clone());
         let task = tokio::spawn(async move {
+            let result = thaw.await.map_err(|e| e.to_string());
+            // Renewed after the thaw, not before: the operator then withdraws its decision,
+            // and were that first, the agent would thaw on it instead of on this request.
             let renew_key = task_key.clone();
             tokio::spawn(async move {
                 if let Err(e) = renew.await {
                     tracing::warn!(space = %renew_key, error = %e, "activity renewal after a thaw failed");
                 }
             });
-            let result = thaw.await.map_err(|e| e.to_string());
             match &result {
                 Ok(()) => metrics.wake_done(&task_key, TIER_FROZEN, started.elapsed().as_secs_f64()),
                 Err(e) => tracing::warn!(space = %task_key, error = %e, "thaw failed; retrying"),

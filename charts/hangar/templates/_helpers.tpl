@@ -102,3 +102,7 @@ affinity:
 {{- $c := .Values.operator.builder.credentials -}}
 {{- if or $c.existingSecret $c.username -}}true{{- end -}}
 {{- end -}}
+
+{{- define "hangar.nodeAgentSecretName" -}}
+{{- .Values.nodeAgent.token.existingSecret | default (printf "%s-node-agent" (include "hangar.fullname" .)) -}}
+{{- end -}}
