@@ -209,15 +209,18 @@ async fn follow(client: Client, key: SpaceKey, pod: PodView, store: LogStore) {
     let redact = secret_values(&client, namespace, &pod.secret_refs).await;
     let log = store.start(&space_id(namespace, name), LogKind::Run, redact);
     let pods: Api<Pod> = Api::namespaced(client, namespace);
-    let params = LogParams {
-        container: Some(APP_CONTAINER.to_owned()),
-        follow: true,
-        timestamps: true,
-        tail_lines: Some(TAIL_LINES),
-        ..Default::default()
-    };
     let mut last: Option<Timestamp> = None;
     loop {
+        let params = LogParams {
+            container: Some(APP_CONTAINER.to_owned()),
+            follow: true,
+            timestamps: true,
+            tail_lines: Some(TAIL_LINES),
+            // Again: only from the last line taken (a crash-looping app's ended
+            // log would otherwise be read whole every time).
+            since_time: last,
+            ..Default::default()
+        };
         match pods.log_stream(&pod.name, &params).await {
             Ok(stream) => {
                 let mut lines = stream.lines();
