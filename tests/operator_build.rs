@@ -70,6 +70,11 @@ async fn wait_stage(api: &Api<Space>, name: &str, stage: Stage, timeout: Duratio
 
 /// Body of `GET /` from the Space's ready pod of the given image, by pod IP.
 async fn answer(ns: &TestNamespace, name: &str, image: &str) -> String {
+    answer_at(ns, name, image, "/").await
+}
+
+/// Body of `GET {path}` from the Space's ready pod of the given image, by pod IP.
+async fn answer_at(ns: &TestNamespace, name: &str, image: &str, path: &str) -> String {
     let pods: Api<Pod> = ns.api();
     let http = http_client();
     wait_for(&format!("{name}'s pod of {image} to answer"), Duration::from_secs(60), || async {
@@ -78,7 +83,7 @@ async fn answer(ns: &TestNamespace, name: &str, image: &str) -> String {
             let spec_image = pod.spec.as_ref().map(|s| s.containers[0].image.clone().unwrap_or_default());
             let ip = pod.status.as_ref().and_then(|s| s.pod_ip.clone());
             if let (Some(true), Some(ip)) = (spec_image.map(|i| i == image), ip)
-                && let Ok((200, body)) = http_get(&http, &format!("http://{ip}:7860/")).await
+                && let Ok((200, body)) = http_get(&http, &format!("http://{ip}:7860{path}")).await
             {
                 return Ok(Some(body));
             }
@@ -203,7 +208,7 @@ async fn sse_until(url: &str, timeout: Duration, done: impl Fn(&[String]) -> boo
 }
 
 #[tokio::test]
-async fn build_secrets_stay_out_of_status_events_and_logs_and_run_logs_stream_from_the_pod() {
+async fn build_secrets_stay_out_of_status_events_and_logs_and_run_logs_follow_the_current_pod() {
     let (ns, operator) = setup("op-runlogs").await;
     let secret = format!("s3cr3t-{}", support::unique_name("v"));
     let secrets: Api<Secret> = ns.api();
@@ -262,6 +267,28 @@ async fn build_secrets_stay_out_of_status_events_and_logs_and_run_logs_stream_fr
     let saved = ns.env.docker().args(["save", &image]).output().expect("docker save");
     assert!(saved.status.success(), "{}", String::from_utf8_lossy(&saved.stderr));
     assert!(!saved.stdout.windows(secret.len()).any(|w| w == secret.as_bytes()), "secret in the pushed image");
+
+    // A rollout: the run log follows the new pod (a fresh log, its own lines only).
+    let old_request = support::unique_name("old-pod");
+    answer_at(&ns, "app", &image, &format!("/{old_request}")).await;
+    sse_until(&format!("{base}/run"), Duration::from_secs(30), |l| l.iter().any(|l| l.contains(&old_request))).await;
+    let index = std::fs::read_to_string(repo.path().join("index.html")).expect("index");
+    let second = commit_file(repo.path(), "index.html", &format!("{index}<!-- v2 -->\n"));
+    let patch = json!({"metadata": {"annotations": {HEAD_SHA_ANNOTATION: second}}});
+    spaces.patch("app", &PatchParams::default(), &Patch::Merge(&patch)).await.expect("annotate");
+    let image2 = wait_for("the new commit running", Duration::from_secs(300), || async {
+        let Some((stage, space)) = stage_of(&spaces, "app").await else { return Ok(None) };
+        let image = space.status.and_then(|s| s.image).filter(|i| *i != image);
+        Ok(image.filter(|_| stage == Stage::Running))
+    })
+    .await;
+    let new_request = support::unique_name("new-pod");
+    answer_at(&ns, "app", &image2, &format!("/{new_request}")).await;
+    let run =
+        sse_until(&format!("{base}/run"), Duration::from_secs(60), |l| l.iter().any(|l| l.contains(&new_request)))
+            .await;
+    assert!(run.iter().any(|l| l == "listening on 0.0.0.0:7860"), "the new pod's start: {run:?}");
+    assert!(!run.iter().any(|l| l.contains(&old_request)), "the old pod's lines are not in the new run log: {run:?}");
 
     // A deleted Space's logs go: a live reader of its run log sees the stream end.
     let http = http_client();
