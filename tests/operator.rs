@@ -242,4 +242,12 @@ async fn restart_converges_without_duplicates_deletion_leaves_nothing_and_rest_m
         Ok(gone.then_some(()))
     })
     .await;
+    // And the operator forgets it at once (not at its next restart): the
+    // Spaces-by-stage gauge counts the four left.
+    wait_for("the stage gauge to drop the deleted Space", Duration::from_secs(10), || async {
+        let (_, body) =
+            support::http_get(&support::http_client(), &format!("http://{}/metrics", _operator.http)).await?;
+        Ok(body.contains("hangar_operator_spaces{stage=\"RUNNING\"} 4").then_some(()))
+    })
+    .await;
 }

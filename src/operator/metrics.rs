@@ -19,6 +19,11 @@ pub struct ReasonLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CallLabel {
+    pub call: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct StageLabel {
     pub stage: String,
 }
@@ -28,6 +33,8 @@ pub struct Metrics {
     pub errors: Family<ReasonLabel, Counter>,
     pub duration: Histogram,
     pub status_writes: Counter,
+    /// Requests reconciles send to the apiserver, by call (watches not counted).
+    pub api_calls: Family<CallLabel, Counter>,
     pub spaces: Family<StageLabel, Gauge>,
     /// Last stage per Space (`namespace/name`), to keep `spaces` exact.
     stages: Mutex<HashMap<String, Stage>>,
@@ -44,6 +51,7 @@ impl Metrics {
             errors: Family::default(),
             duration: Histogram::new(exponential_buckets(0.001, 2.0, 14)),
             status_writes: Counter::default(),
+            api_calls: Family::default(),
             spaces: Family::default(),
             stages: Mutex::new(HashMap::new()),
         };
@@ -52,6 +60,7 @@ impl Metrics {
         r.register("reconcile_errors", "Failed reconciliations by reason", metrics.errors.clone());
         r.register("reconcile_duration_seconds", "Time per reconciliation", metrics.duration.clone());
         r.register("status_writes", "Space status writes", metrics.status_writes.clone());
+        r.register("api_calls", "Apiserver requests of reconciles by call", metrics.api_calls.clone());
         r.register("spaces", "Spaces by stage", metrics.spaces.clone());
         metrics
     }
@@ -63,6 +72,11 @@ impl Metrics {
 
     pub fn error(&self, reason: &str) {
         self.errors.get_or_create(&ReasonLabel { reason: reason.to_owned() }).inc();
+    }
+
+    /// Counts one apiserver request of a reconcile.
+    pub fn call(&self, call: &'static str) {
+        self.api_calls.get_or_create(&CallLabel { call }).inc();
     }
 
     /// Records a Space's stage (`None`: the Space is gone).

@@ -1,6 +1,8 @@
 //! The Kubernetes controller for `Space`: load -> validate -> render (pure) -> apply -> status.
 
+pub mod applied;
 pub mod builds;
+pub mod cache;
 pub mod leader;
 pub mod metrics;
 pub mod placement;
@@ -20,18 +22,20 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use axum::routing::get;
 use futures::StreamExt;
+use futures::TryStreamExt;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{Pod, Service};
+use kube::api::PartialObjectMeta;
 use kube::runtime::controller::{self, Controller};
 use kube::runtime::events::{Recorder, Reporter};
-use kube::runtime::reflector::ObjectRef;
-use kube::runtime::watcher;
+use kube::runtime::reflector::{self, ObjectRef};
+use kube::runtime::{Predicate, WatchStreamExt, predicates, watcher};
 use kube::{Api, Client, ResourceExt};
 use prometheus_client::registry::Registry;
 
 use crate::space::Space;
-use crate::space::naming::{MANAGED_BY, MANAGED_BY_LABEL, SPACE_LABEL};
+use crate::space::naming::SPACE_LABEL;
 
 /// `hangar operator` settings.
 #[derive(Debug, Clone, clap::Args)]
@@ -60,6 +64,10 @@ pub struct OperatorArgs {
     /// This replica's identity in leader election (the pod name in a cluster).
     #[arg(long, env = "POD_NAME", default_value = "hangar-operator")]
     pub identity: String,
+    /// Reconciles running at once (one per Space at most). They mostly read
+    /// caches; the bound keeps a burst of new Spaces from flooding the apiserver.
+    #[arg(long, env = "HANGAR_RECONCILE_CONCURRENCY", default_value_t = 16)]
+    pub reconcile_concurrency: u16,
     #[command(flatten)]
     pub build: BuildArgs,
 }
@@ -138,6 +146,13 @@ async fn readyz(State(state): State<HttpState>) -> (StatusCode, &'static str) {
     }
 }
 
+/// The Space an object belongs to by its label (Leases, which the proxy may
+/// make first, and pods, which the Space does not own directly).
+fn by_space_label<K: kube::Resource>(object: &K) -> Option<ObjectRef<Space>> {
+    let space = object.meta().labels.as_ref()?.get(SPACE_LABEL)?;
+    Some(ObjectRef::new(space).within(object.meta().namespace.as_deref()?))
+}
+
 /// Runs the operator until a shutdown signal or the loss of leadership.
 pub async fn run(args: OperatorArgs) -> crate::Result<()> {
     let mapping = match &args.hardware_mapping {
@@ -192,7 +207,6 @@ pub async fn run(args: OperatorArgs) -> crate::Result<()> {
         mapping,
         sleep_policy: args.sleep.policy(),
     };
-    let ctx = Arc::new(reconcile::Context::new(client.clone(), recorder, metrics, config, builds));
 
     fn api<K>(client: &Client, ns: Option<&str>) -> Api<K>
     where
@@ -201,18 +215,40 @@ pub async fn run(args: OperatorArgs) -> crate::Result<()> {
         ns.map_or_else(|| Api::all(client.clone()), |ns| Api::namespaced(client.clone(), ns))
     }
     let ns = args.namespace.as_deref();
-    let ours = watcher::Config::default().labels(&format!("{MANAGED_BY_LABEL}={MANAGED_BY}"));
-    let of_a_space = watcher::Config::default().labels(SPACE_LABEL);
-    let controller = Controller::new(api::<Space>(&client, ns), watcher::Config::default())
-        .owns(api::<Deployment>(&client, ns), ours.clone())
-        .owns(api::<Service>(&client, ns), ours)
-        .owns(api::<Lease>(&client, ns), of_a_space.clone())
-        .watches(api::<Pod>(&client, ns), of_a_space, |pod| {
-            let space = pod.labels().get(SPACE_LABEL)?;
-            Some(ObjectRef::new(space).within(&pod.namespace()?))
+    let (caches, triggers) = cache::watches(
+        api::<Deployment>(&client, ns),
+        api::<PartialObjectMeta<Service>>(&client, ns),
+        api::<Lease>(&client, ns),
+        api::<Pod>(&client, ns),
+    );
+    let (spaces, writer) = reflector::store();
+    let ctx =
+        Arc::new(reconcile::Context::new(client.clone(), recorder, metrics, config, builds, caches, spaces.clone()));
+    let forgetting = ctx.clone();
+    let space_events = watcher(api::<Space>(&client, ns), watcher::Config::default())
+        .default_backoff()
+        .modify(cache::strip_managed_fields)
+        .reflect(writer)
+        .inspect_ok(move |event| match event {
+            watcher::Event::Delete(space) => {
+                forgetting.forget(&space.namespace().unwrap_or_default(), &space.name_any())
+            }
+            watcher::Event::InitDone => forgetting.forget_absent(),
+            _ => {}
         })
+        .applied_objects()
+        // The operator's own status writes are no reason to reconcile again:
+        // only the spec (generation) and annotations (head-sha) are.
+        .predicate_filter(predicates::generation.combine(predicates::annotations), Default::default());
+    let controller = Controller::for_stream(space_events, spaces)
+        .owns_stream(triggers.deployments)
+        .owns_stream(triggers.services)
+        .watches_stream(triggers.leases, |lease| by_space_label(&lease))
+        .watches_stream(triggers.pods, |pod| by_space_label(&pod))
         .reconcile_on(tokio_stream::wrappers::UnboundedReceiverStream::new(triggered))
-        .with_config(controller::Config::default().concurrency(16))
+        // No debounce: a Lease renewal (the wake signal) must reach its reconcile
+        // at once, and a reconcile that finds nothing changed only reads caches.
+        .with_config(controller::Config::default().concurrency(args.reconcile_concurrency.max(1)))
         .shutdown_on_signal()
         .run(reconcile::reconcile, reconcile::error_policy, ctx)
         .for_each(|result| async move {

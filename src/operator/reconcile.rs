@@ -1,27 +1,30 @@
 //! One reconciliation of a Space: load -> validate -> render (pure) -> apply -> status.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::coordination::v1::Lease;
-use k8s_openapi::api::core::v1::{Pod, Service};
+use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::jiff::Timestamp;
-use kube::api::{ListParams, Patch, PatchParams, PostParams};
+use kube::api::{Patch, PatchParams, PostParams};
 use kube::runtime::controller::Action;
 use kube::runtime::events::{Event, EventType, Recorder};
+use kube::runtime::reflector::{ObjectRef, Store};
 use kube::{Api, Client, Resource, ResourceExt};
 use serde_json::json;
 
+use super::applied;
 use super::builds::{BuildState, Builds};
+use super::cache::{self, Caches};
 use super::metrics::Metrics;
 use super::placement::HardwareMapping;
 use super::render::{self, RenderInput};
 use super::sleep;
 use super::status::{self, BuildView, Facts};
 use crate::space::app_config::runtime_spec;
-use crate::space::naming::{self, CUSTOM_HEADERS_ANNOTATION, SPACE_LABEL};
+use crate::space::naming::{self, CUSTOM_HEADERS_ANNOTATION};
 use crate::space::{AppConfig, BuildStatus, ConfigError, Space, SpaceStatus, Stage, resolve};
 use crate::{Error, Result};
 
@@ -49,8 +52,14 @@ pub struct Context {
     pub metrics: Metrics,
     pub config: OperatorConfig,
     pub builds: Arc<Builds>,
+    /// What reconciles read instead of asking the apiserver.
+    pub caches: Caches,
+    /// The controller's own store of Spaces: a Space missing from it is gone.
+    spaces: Store<Space>,
     /// Consecutive failures per Space, for exponential backoff.
     failures: Mutex<HashMap<String, u32>>,
+    /// Spaces this process holds state for (stage gauge, build, failures).
+    known: Mutex<Known>,
 }
 
 impl Context {
@@ -60,8 +69,68 @@ impl Context {
         metrics: Metrics,
         config: OperatorConfig,
         builds: Arc<Builds>,
+        caches: Caches,
+        spaces: Store<Space>,
     ) -> Self {
-        Self { client, recorder, metrics, config, builds, failures: Mutex::new(HashMap::new()) }
+        Self {
+            client,
+            recorder,
+            metrics,
+            config,
+            builds,
+            caches,
+            spaces,
+            failures: Mutex::new(HashMap::new()),
+            known: Mutex::new(Known::default()),
+        }
+    }
+
+    /// Drops what this process keeps for a deleted Space: its entry in the
+    /// stage gauge, its build (cancelled if running) and its failure count.
+    /// Called on the watch's delete event: without a finalizer, nothing else
+    /// would tell (owned objects go through their ownerReferences).
+    pub fn forget(&self, namespace: &str, name: &str) {
+        let key = format!("{namespace}/{name}");
+        self.metrics.set_stage(&key, None);
+        self.builds.forget(namespace, name);
+        if let Ok(mut failures) = self.failures.lock() {
+            failures.remove(&key);
+        }
+        if let Ok(mut known) = self.known.lock() {
+            known.remove(&key);
+        }
+    }
+
+    /// After the Space watch relisted: forgets the Spaces deleted while it was
+    /// down (their delete events were never seen).
+    pub fn forget_absent(&self) {
+        let present: HashSet<String> = self.spaces.state().iter().map(|s| key(s)).collect();
+        let gone = self.known.lock().map(|k| k.absent_from(&present)).unwrap_or_default();
+        for key in gone {
+            if let Some((namespace, name)) = key.split_once('/') {
+                self.forget(namespace, name);
+            }
+        }
+    }
+}
+
+/// The keys (`namespace/name`) of the Spaces this process holds state for.
+#[derive(Debug, Default)]
+struct Known(HashSet<String>);
+
+impl Known {
+    fn insert(&mut self, key: &str) {
+        if !self.0.contains(key) {
+            self.0.insert(key.to_owned());
+        }
+    }
+
+    fn remove(&mut self, key: &str) {
+        self.0.remove(key);
+    }
+
+    fn absent_from(&self, present: &HashSet<String>) -> Vec<String> {
+        self.0.iter().filter(|k| !present.contains(*k)).cloned().collect()
     }
 }
 
@@ -75,16 +144,15 @@ fn now() -> Timestamp {
     Timestamp::from_second(Timestamp::now().as_second()).unwrap_or(Timestamp::UNIX_EPOCH)
 }
 
-/// The Lease the proxy renews; made here on first sight, never updated here.
-async fn ensure_lease(api: &Api<Lease>, space: &Space, now: Timestamp) -> Result<Lease> {
-    let name = naming::activity_lease_name(&space.name_any());
-    if let Some(lease) = api.get_opt(&name).await? {
-        return Ok(lease);
-    }
+/// The Lease the proxy renews: made here when the cache has none, never updated here.
+async fn create_lease(ctx: &Context, space: &Space, now: Timestamp) -> Result<()> {
+    let api: Api<Lease> = Api::namespaced(ctx.client.clone(), &space.namespace().unwrap_or_default());
+    ctx.metrics.call("create_lease");
     match api.create(&PostParams::default(), &render::activity_lease(space, now)).await {
-        Ok(lease) => Ok(lease),
-        // The proxy (or a previous operator) was first: use theirs.
-        Err(kube::Error::Api(e)) if e.code == 409 => Ok(api.get(&name).await?),
+        // The proxy (or this operator, not yet seen by the watch) was first: the
+        // watch brings that one, and with it another reconcile.
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(e)) if e.code == 409 => Ok(()),
         Err(e) => Err(e.into()),
     }
 }
@@ -171,84 +239,137 @@ async fn reconcile_inner(space: &Space, ctx: &Context) -> Result<Action> {
     let name = space.name_any();
     if space.meta().deletion_timestamp.is_some() {
         // Owned objects go with the Space through their ownerReferences.
-        ctx.metrics.set_stage(&key(space), None);
-        ctx.builds.forget(&namespace, &name);
+        ctx.forget(&namespace, &name);
         return Ok(Action::await_change());
     }
-    let client = ctx.client.clone();
-    let deployments: Api<Deployment> = Api::namespaced(client.clone(), &namespace);
-    let services: Api<Service> = Api::namespaced(client.clone(), &namespace);
-    let pods: Api<Pod> = Api::namespaced(client.clone(), &namespace);
-    let leases: Api<Lease> = Api::namespaced(client.clone(), &namespace);
+    ctx.caches.ready().await?;
+    if let Ok(mut known) = ctx.known.lock() {
+        known.insert(&key(space));
+    }
     let now = now();
 
-    // Load and validate.
-    let lease = ensure_lease(&leases, space, now).await?;
+    // Load (from the caches) and validate.
+    let lease = ctx.caches.lease(&namespace, &naming::activity_lease_name(&name));
     let Runnable { config, image, build, record } = runnable(space, &ctx.builds);
     let sleep_times = config.as_ref().and_then(|c| c.as_ref().ok()).map(|c| ctx.config.sleep_policy.for_config(c));
-    let decision = sleep::decide_tier(sleep::last_activity(&lease), sleep_times, now);
+    // No Lease yet: the one made below records activity now.
+    let last_activity = lease.as_deref().map_or(Some(now), sleep::last_activity);
+    let decision = sleep::decide_tier(last_activity, sleep_times, now);
     let runnable = matches!(config, Some(Ok(_))) && image.is_some() && !space.spec.paused;
     let replicas = i32::from(runnable && !decision.stopped());
     // Frozen: the pods stay, their node agents freeze them on this decision.
     let freeze_decision = decision.freeze_decision().filter(|_| runnable);
 
-    // Render and apply.
+    // Render (pure).
     let workload = naming::workload_name(&name);
-    let apply = PatchParams::apply(FIELD_MANAGER).force();
-    let (deployment, template_hash) = match (&config, &image) {
+    let rendered = match (&config, &image) {
         (Some(Ok(config)), Some(image)) => {
             let placement = ctx.config.mapping.placement(config.flavor);
             let input =
                 RenderInput { space, config, placement: &placement, image, replicas, domain: &ctx.config.domain };
-            let desired = render::deployment(&input);
-            let hash = render::template_hash(&desired).map(str::to_owned);
-            let applied = deployments.patch(&workload, &apply, &Patch::Apply(&desired)).await?;
-            services.patch(&workload, &apply, &Patch::Apply(&render::service(&input))).await?;
-            (Some(applied), hash)
+            Some((render::deployment(&input), render::service(&input)))
         }
-        // Nothing valid to run: stop what may still run, keep the objects.
-        _ => {
-            let existing = deployments.get_opt(&workload).await?;
-            let existing = match existing {
-                Some(d) if d.spec.replicas != Some(0) => {
-                    let scale = json!({"spec": {"replicas": 0}});
-                    Some(deployments.patch(&workload, &PatchParams::default(), &Patch::Merge(&scale)).await?)
-                }
-                other => other,
-            };
-            (existing, None)
-        }
+        _ => None,
     };
+    let template_hash = rendered.as_ref().and_then(|(d, _)| render::template_hash(d)).map(str::to_owned);
+    let deployment = ctx.caches.deployment(&namespace, &workload);
 
-    // Status from the facts.
-    let pod_list = pods.list(&ListParams::default().labels(&format!("{SPACE_LABEL}={name}"))).await?.items;
-    sleep::record_decision(&ctx.client, &namespace, &pod_list, freeze_decision).await?;
+    // Status from the facts at hand, written alongside the workload rather
+    // than after it: a new or changed Space shows where it stands at once.
+    let pods = ctx.caches.pods(&namespace, &name);
     let url = format!("{}://{}/", ctx.config.url_scheme, naming::host(&namespace, &name, &ctx.config.domain));
     let desired = status::derive(&Facts {
         generation: space.meta().generation,
         config_error: config.as_ref().and_then(|c| c.as_ref().err()).cloned(),
         paused: space.spec.paused,
         asleep: decision.stopped(),
-        sleep: if runnable { sleep::status(&decision, &pod_list) } else { None },
+        sleep: if runnable { sleep::status(&decision, &pods) } else { None },
         build,
         image,
         hardware_requested: &space.spec.hardware,
         replicas_requested: replicas,
         url: Some(url),
-        deployment: deployment.as_ref(),
+        deployment: deployment.as_deref(),
         template_hash: template_hash.as_deref(),
-        pods: &pod_list,
+        pods: &pods,
         previous: space.status.as_ref(),
         build_record: record,
         now,
     });
-    if let Some(Ok(config)) = &config {
-        publish_custom_headers(space, ctx, config).await?;
-    }
-    write_status(space, ctx, &desired).await?;
-    ctx.metrics.set_stage(&key(space), desired.stage);
+    let status = async {
+        if let Some(Ok(config)) = &config {
+            publish_custom_headers(space, ctx, config).await?;
+        }
+        write_status(space, ctx, &desired).await
+    };
+    let writes = async {
+        if lease.is_none() {
+            create_lease(ctx, space, now).await?;
+        }
+        sleep::record_decision(&ctx.client, &namespace, &pods, freeze_decision).await?;
+        match rendered {
+            Some((deployment_desired, service_desired)) => {
+                apply_workload(ctx, &namespace, deployment.as_deref(), deployment_desired, service_desired).await
+            }
+            // Nothing valid to run: stop what may still run, keep the objects.
+            None => match deployment.as_deref() {
+                Some(d) if d.spec.replicas != Some(0) => {
+                    let api: Api<Deployment> = Api::namespaced(ctx.client.clone(), &namespace);
+                    let scale = json!({"spec": {"replicas": 0}});
+                    ctx.metrics.call("scale_to_zero");
+                    api.patch(&workload, &PatchParams::default(), &Patch::Merge(&scale)).await?;
+                    Ok(())
+                }
+                _ => Ok(()),
+            },
+        }
+    };
+    let (status, writes) = tokio::join!(status, writes);
+    status?;
+    writes?;
 
+    // A Space deleted while this ran must not come back into the gauge or the builds.
+    if ctx.spaces.get(&ObjectRef::from_obj(space)).is_some() {
+        ctx.metrics.set_stage(&key(space), desired.stage);
+    } else {
+        ctx.forget(&namespace, &name);
+    }
     Ok(Action::requeue(decision.recheck_in.map_or(RESYNC, |d| d.min(RESYNC))))
+}
+
+/// Server-side applies the Service and the Deployment, each only when the
+/// cache does not already hold it as rendered now (or someone scaled it).
+async fn apply_workload(
+    ctx: &Context,
+    namespace: &str,
+    cached: Option<&Deployment>,
+    mut deployment: Deployment,
+    mut service: Service,
+) -> Result<()> {
+    let name = deployment.name_any();
+    let key = (namespace, name.as_str());
+    let written = &ctx.caches.written;
+    let apply = PatchParams::apply(FIELD_MANAGER).force();
+    let hash = applied::stamp(&mut service);
+    let cached_service = ctx.caches.service(namespace, &name);
+    if written.needs_apply(cache::SERVICE, cached_service.as_ref().map(|s| &s.metadata), key, &hash, false) {
+        let api: Api<Service> = Api::namespaced(ctx.client.clone(), namespace);
+        ctx.metrics.call("apply_service");
+        api.patch(&name, &apply, &Patch::Apply(&service)).await?;
+        written.record(cache::SERVICE, key, hash);
+    }
+    // The Deployment last: it sets off the most follow-up events (ReplicaSet,
+    // pods), and their reconciles then find the Service cached already.
+    let hash = applied::stamp(&mut deployment);
+    // Someone scaled it (the hash covers only what the operator rendered).
+    let scaled = cached.is_some_and(|c| c.spec.replicas != deployment.spec.replicas);
+    if written.needs_apply(cache::DEPLOYMENT, cached.map(|c| &c.metadata), key, &hash, scaled) {
+        let api: Api<Deployment> = Api::namespaced(ctx.client.clone(), namespace);
+        ctx.metrics.call("apply_deployment");
+        api.patch(&name, &apply, &Patch::Apply(&deployment)).await?;
+        written.record(cache::DEPLOYMENT, key, hash);
+    }
+    Ok(())
 }
 
 /// The proxy adds the front matter's `custom_headers` to responses; it learns
@@ -263,6 +384,7 @@ async fn publish_custom_headers(space: &Space, ctx: &Context, config: &AppConfig
     let api: Api<Space> = Api::namespaced(ctx.client.clone(), &space.namespace().unwrap_or_default());
     let annotations = desired.map_or_else(|| json!({}), |h| json!({CUSTOM_HEADERS_ANNOTATION: h}));
     let patch = json!({"apiVersion": "hangar.dev/v1alpha1", "kind": "Space", "metadata": {"annotations": annotations}});
+    ctx.metrics.call("annotate_space");
     api.patch(&space.name_any(), &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&patch)).await?;
     Ok(())
 }
@@ -275,6 +397,7 @@ async fn write_status(space: &Space, ctx: &Context, desired: &SpaceStatus) -> Re
     }
     let api: Api<Space> = Api::namespaced(ctx.client.clone(), &space.namespace().unwrap_or_default());
     let patch = json!({"apiVersion": "hangar.dev/v1alpha1", "kind": "Space", "status": desired});
+    ctx.metrics.call("write_status");
     api.patch_status(&space.name_any(), &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&patch)).await?;
     ctx.metrics.status_writes.inc();
     let old_stage = previous.and_then(|s| s.stage);
@@ -287,6 +410,7 @@ async fn write_status(space: &Space, ctx: &Context, desired: &SpaceStatus) -> Re
             secondary: None,
         };
         // An Event is informational: failing to record one must not fail the reconcile.
+        ctx.metrics.call("publish_event");
         if let Err(e) = ctx.recorder.publish(&event, &space.object_ref(&())).await {
             tracing::warn!(space = %key(space), error = %e, "could not record event");
         }
@@ -331,6 +455,17 @@ pub fn error_policy(space: Arc<Space>, error: &Error, ctx: Arc<Context>) -> Acti
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn spaces_gone_during_a_relist_are_found() {
+        let mut known = Known::default();
+        known.insert("a/x");
+        known.insert("a/y");
+        known.insert("b/x");
+        known.remove("a/y");
+        let present = HashSet::from(["a/x".to_owned()]);
+        assert_eq!(known.absent_from(&present), ["b/x"]);
+    }
 
     #[test]
     fn event_reasons_are_camel_case() {
