@@ -522,6 +522,36 @@ mod tests {
         assert_eq!(p.failed_step(), Some("[3/3] RUN b"), "the cancelled sibling is not the cause");
     }
 
+    /// An engine without BuildKit sessions (old Docker, Podman) refuses the
+    /// upgrade: the builder then goes classic and says why.
+    #[tokio::test]
+    async fn a_refused_session_says_what_the_engine_answered() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = EngineAddr::Tcp(listener.local_addr().expect("addr").to_string());
+        let engine = tokio::spawn(async move {
+            let (mut conn, _) = listener.accept().await.expect("accept");
+            let mut request = Vec::new();
+            let mut buf = [0u8; 1024];
+            while !request.windows(4).any(|w| w == b"\r\n\r\n") {
+                let n = conn.read(&mut buf).await.expect("read");
+                assert!(n > 0, "the request ended early");
+                request.extend_from_slice(&buf[..n]);
+            }
+            let body = r#"{"message":"page not found"}"#;
+            let answer = format!("HTTP/1.1 404 Not Found\r\nContent-Length: {}\r\n\r\n{body}", body.len());
+            conn.write_all(answer.as_bytes()).await.expect("write");
+            String::from_utf8_lossy(&request).into_owned()
+        });
+        let err = Session::open(&addr, "1.41", HashMap::new()).await.err().expect("refused");
+        assert!(err.contains("404") && err.contains("page not found"), "{err}");
+        let request = engine.await.expect("join");
+        assert!(request.starts_with("POST /v1.41/session HTTP/1.1\r\n"), "{request}");
+        let lower = request.to_ascii_lowercase();
+        assert!(lower.contains("upgrade: h2c") && lower.contains("x-docker-expose-session-uuid: hangar"), "{request}");
+        assert!(lower.contains("x-docker-expose-session-grpc-method: /moby.buildkit.secrets.v1.secrets/getsecret"));
+    }
+
     #[test]
     fn engine_addresses() {
         assert_eq!(EngineAddr::parse("unix:///run/d.sock"), Some(EngineAddr::Unix("/run/d.sock".into())));
