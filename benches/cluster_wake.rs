@@ -1,0 +1,237 @@
+//! Wake benchmark on the test cluster's real node (issue #11; not a timed test).
+//!
+//! Floor: a plain Deployment with the very pod template of a Space (same image, probes and
+//! node), scaled 0 -> 1 with a replicas patch (what `kubectl scale` sends), timed until its
+//! pod is Ready and answers HTTP at its IP. Measured: a request through `hangar proxy` to
+//! the same Space while it sleeps (0 replicas), timed until the response's first byte (the
+//! proxy renews the Lease, the operator scales to 1, the proxy holds the request until the
+//! endpoint is ready). For the static and the Gradio example Spaces. Run with the test bed
+//! up:
+//!
+//! ```sh
+//! eval "$(scripts/testenv env)"; HANGAR_BENCH_SAMPLES=5 cargo bench --bench cluster_wake
+//! ```
+
+#[path = "../tests/support/mod.rs"]
+mod support;
+
+use std::ffi::OsString;
+use std::time::{Duration, Instant};
+
+use hangar::space::naming::{SPACE_LABEL, workload_name};
+use hangar::space::{Space, Stage};
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::Pod;
+use kube::Api;
+use kube::api::{ListParams, Patch, PatchParams, PostParams};
+use serde_json::json;
+use support::process::{Component, args};
+use support::repo::{bare_clone, copy_dir, git, serve_dumb_http};
+use support::{TestNamespace, repo_root, run_ok, wait_for};
+
+const DOMAIN: &str = "hf.test";
+const MAPPING: &str =
+    "requests: {cpu: 10m, memory: 64Mi}\nflavors:\n  cpu-basic:\n    nodeSelector: {hangar.dev/test-node: real}\n";
+const FLOOR_LABEL: &str = "bench.hangar.dev/floor";
+
+fn client() -> reqwest::Client {
+    reqwest::Client::builder().no_proxy().timeout(Duration::from_secs(120)).build().expect("reqwest client")
+}
+
+async fn stage(spaces: &Api<Space>, name: &str) -> Option<Stage> {
+    let space = spaces.get(name).await.ok()?;
+    let status = space.status?;
+    (status.observed_generation == space.metadata.generation).then_some(status.stage?)
+}
+
+async fn pods(ns: &TestNamespace, selector: &str) -> Vec<Pod> {
+    let api: Api<Pod> = ns.api();
+    api.list(&ListParams::default().labels(selector)).await.map(|l| l.items).unwrap_or_default()
+}
+
+fn ready_ip(pod: &Pod) -> Option<String> {
+    let status = pod.status.as_ref()?;
+    let ready = status.conditions.as_ref()?.iter().any(|c| c.type_ == "Ready" && c.status == "True");
+    ready.then(|| status.pod_ip.clone()).flatten()
+}
+
+/// The Space's own pod template as a plain Deployment (no hangar labels: nothing of
+/// hangar sees it), at 0 replicas; returns its name and the app's port.
+async fn floor_deployment(ns: &TestNamespace, space: &str) -> (String, u16) {
+    let deployments: Api<Deployment> = ns.api();
+    let source = deployments.get(&workload_name(space)).await.expect("the Space's Deployment");
+    let mut template = source.spec.template;
+    let port = template.spec.as_ref().and_then(|p| p.containers[0].ports.as_ref()?.first()).map(|p| p.container_port);
+    let port = port.and_then(|p| u16::try_from(p).ok()).expect("the app's container port");
+    let name = format!("floor-{space}");
+    let labels = json!({FLOOR_LABEL: name});
+    template.metadata = Some(serde_json::from_value(json!({"labels": labels})).expect("labels"));
+    let floor: Deployment = serde_json::from_value(json!({
+        "apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": name},
+        "spec": {"replicas": 0, "selector": {"matchLabels": labels}, "template": template},
+    }))
+    .expect("floor deployment");
+    deployments.create(&PostParams::default(), &floor).await.expect("create floor deployment");
+    (name, port)
+}
+
+async fn scale(ns: &TestNamespace, deployment: &str, replicas: i32) {
+    let api: Api<Deployment> = ns.api();
+    let patch = json!({"spec": {"replicas": replicas}});
+    api.patch(deployment, &PatchParams::default(), &Patch::Merge(&patch)).await.expect("scale");
+}
+
+/// Scale 0 -> 1 until the pod is Ready and answers HTTP 200 on `port`.
+async fn floor_sample(ns: &TestNamespace, deployment: &str, port: u16) -> Duration {
+    let selector = format!("{FLOOR_LABEL}={deployment}");
+    let http = client();
+    let start = Instant::now();
+    scale(ns, deployment, 1).await;
+    let took = wait_for("the floor pod answering", Duration::from_secs(180), || async {
+        for pod in pods(ns, &selector).await {
+            if let Some(ip) = ready_ip(&pod)
+                && let Ok(r) = http.get(format!("http://{ip}:{port}/")).send().await
+                && r.status() == 200
+            {
+                return Ok(Some(start.elapsed()));
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        Ok(None)
+    })
+    .await;
+    scale(ns, deployment, 0).await;
+    wait_for("the floor pod gone", Duration::from_secs(60), || async {
+        Ok(pods(ns, &selector).await.is_empty().then_some(()))
+    })
+    .await;
+    took
+}
+
+/// A request through the proxy to the sleeping Space, until its first byte.
+async fn hangar_sample(ns: &TestNamespace, spaces: &Api<Space>, proxy: &str, space: &str) -> Duration {
+    wait_for(&format!("{space} asleep"), Duration::from_secs(120), || async {
+        let asleep = stage(spaces, space).await == Some(Stage::Sleeping)
+            && pods(ns, &format!("{SPACE_LABEL}={space}")).await.is_empty();
+        Ok(asleep.then_some(()))
+    })
+    .await;
+    let start = Instant::now();
+    let response = client()
+        .get(format!("http://{proxy}/"))
+        .header("host", format!("{}-{space}.{DOMAIN}", ns.name))
+        .header("accept", "*/*")
+        .send()
+        .await
+        .expect("request through the proxy");
+    let took = start.elapsed();
+    assert_eq!(response.status().as_u16(), 200, "{space} through the proxy");
+    took
+}
+
+fn summary(samples: &[Duration]) -> (f64, f64, f64) {
+    let mut ms: Vec<f64> = samples.iter().map(|d| d.as_secs_f64() * 1000.0).collect();
+    ms.sort_by(f64::total_cmp);
+    (ms[0], ms[ms.len() / 2], ms[ms.len() - 1])
+}
+
+#[tokio::main]
+async fn main() {
+    let samples: usize = std::env::var("HANGAR_BENCH_SAMPLES").ok().and_then(|v| v.parse().ok()).unwrap_or(5);
+    let ns = TestNamespace::new("wake-bench", &["kubelet", "containerd"]).await;
+    run_ok(ns.env.kubectl().args(["apply", "--server-side", "--force-conflicts", "-f"]).arg(repo_root().join("crds")));
+    run_ok(ns.env.kubectl().args(["wait", "--for=condition=Established", "crd/spaces.hangar.dev", "--timeout=30s"]));
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ca = std::env::var("HANGAR_EXTRA_CA_FILE").unwrap_or_default();
+    let mut builder = vec![
+        "--registry",
+        &ns.env.registry,
+        "--python-image",
+        &ns.env.python_image,
+        "--static-image",
+        &ns.env.static_image,
+        "--docker-host",
+        &ns.env.docker_host,
+    ];
+    if !ca.is_empty() {
+        builder.extend(["--extra-ca-file", &ca]);
+    }
+    let _operator = support::operator::Operator::start(&ns, MAPPING, &builder);
+    let proxy_addr = format!("127.0.0.1:{}", support::operator::free_port());
+    let admin = format!("127.0.0.1:{}", support::operator::free_port());
+    let _proxy = Component::start(
+        "bench-proxy",
+        dir.path(),
+        &args([
+            "proxy",
+            "--namespace",
+            &ns.name,
+            "--domain",
+            DOMAIN,
+            "--listen",
+            &proxy_addr,
+            "--admin-listen",
+            &admin,
+        ]),
+        &[("KUBECONFIG", OsString::from(&ns.env.kubeconfig))],
+    );
+
+    // The examples, from a git remote on loopback, built by the operator.
+    let remotes = dir.path().join("remotes");
+    let base = serve_dumb_http(remotes.clone(), None).await;
+    let spaces: Api<Space> = ns.api();
+    let examples = ["static-site", "gradio-hello"];
+    for example in examples {
+        let work = dir.path().join(example);
+        copy_dir(&repo_root().join("examples/spaces").join(example), &work);
+        git(&work, &["init", "-q", "-b", "main"]);
+        git(&work, &["add", "-A"]);
+        git(&work, &["-c", "user.name=b", "-c", "user.email=b@example.com", "commit", "-q", "-m", example]);
+        bare_clone(&work, &remotes.join(format!("{example}.git")));
+        let space: Space = serde_json::from_value(json!({
+            "apiVersion": "hangar.dev/v1alpha1", "kind": "Space", "metadata": {"name": example},
+            "spec": {"source": {"git": format!("{base}/{example}.git")}, "hardware": "cpu-basic", "sleepAfter": "1h"},
+        }))
+        .expect("Space");
+        spaces.create(&PostParams::default(), &space).await.expect("create Space");
+    }
+    let mut rows = Vec::new();
+    for example in examples {
+        wait_for(&format!("{example} running"), Duration::from_secs(900), || async {
+            Ok((stage(&spaces, example).await == Some(Stage::Running)).then_some(()))
+        })
+        .await;
+        let (floor, port) = floor_deployment(&ns, example).await;
+        let mut floor_samples = Vec::new();
+        for _ in 0..samples {
+            floor_samples.push(floor_sample(&ns, &floor, port).await);
+        }
+        let patch = json!({"spec": {"sleepAfter": "5s"}});
+        spaces.patch(example, &PatchParams::default(), &Patch::Merge(&patch)).await.expect("sleepAfter");
+        let mut hangar_samples = Vec::new();
+        for _ in 0..samples {
+            hangar_samples.push(hangar_sample(&ns, &spaces, &proxy_addr, example).await);
+        }
+        let (f, h) = (summary(&floor_samples), summary(&hangar_samples));
+        eprintln!("{example}: floor {floor_samples:?}\n{example}: hangar {hangar_samples:?}");
+        rows.push(format!(
+            "| {example} | {:.0} / {:.0} / {:.0} | {:.0} / {:.0} / {:.0} | {:+.0} |",
+            f.0,
+            f.1,
+            f.2,
+            h.0,
+            h.1,
+            h.2,
+            h.1 - f.1
+        ));
+    }
+    let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    println!("\nwake, {samples} samples each (ms, min / median / max); load average: {}", load.trim());
+    println!(
+        "| Space | floor: scale 0 -> 1, pod Ready + HTTP 200 | hangar: request -> first byte | median difference |"
+    );
+    println!("|---|---|---|---|");
+    for row in rows {
+        println!("{row}");
+    }
+}
