@@ -277,5 +277,11 @@ mod tests {
         d.spec.env.insert("MODEL".into(), "x".into());
         assert_ne!(wanted(&a), wanted(&d), "variables are build args");
         assert_ne!(wanted(&a), wanted(&space("v2")));
+        let mut e = space("main");
+        e.spec.secrets = vec![crate::space::SpaceSecret {
+            name: "HF_TOKEN".into(),
+            secret_key_ref: crate::space::SecretKeyRef { name: "s".into(), key: "token".into() },
+        }];
+        assert_ne!(wanted(&a), wanted(&e), "a new secret is offered to the build's secret mounts");
     }
 }
