@@ -495,7 +495,7 @@ async fn docker_runtime_pauses_and_thaws() {
     };
     runtime.ensure(&spec).await.expect("created");
     assert!(runtime.pause(&key).await.is_err(), "a container that does not run cannot be frozen");
-    assert!(runtime.unpause(&key).await.is_ok(), "nothing to thaw");
+    assert!(runtime.unpause(&key).await.is_err(), "a container that does not run cannot be thawed");
     let running = runtime.start(&key).await.expect("started");
     let endpoint = running.endpoint.expect("published");
     assert!(!running.paused);
@@ -522,6 +522,11 @@ async fn docker_runtime_pauses_and_thaws() {
     assert!(t.elapsed() < Duration::from_secs(8), "stopping a frozen container took {:?}", t.elapsed());
     assert_eq!(docker_state(&env, &name).await, (false, false));
     assert_eq!(runtime.memory_bytes(&key).await.expect("stats"), None, "a stopped container holds nothing");
+    // Killed while frozen: the thaw says so (the supervisor then starts it anew).
+    runtime.start(&key).await.expect("started");
+    runtime.pause(&key).await.expect("frozen");
+    run_ok(env.docker().args(["kill", &name]));
+    assert!(runtime.unpause(&key).await.is_err(), "a killed container is not thawed");
     runtime.remove(&key).await.expect("removed");
 }
 
@@ -548,7 +553,8 @@ fn unpauses_since(env: &TestEnv, name: &str, since: SystemTime) -> usize {
 /// Two-tier sleep: idle past `freezeAfter` the container is paused (the Docker
 /// API says so) and `hangar ls` shows the tier; 50 concurrent requests thaw it
 /// with exactly one unpause and are all answered; idle past `sleepAfter` it is
-/// stopped and wakes by the ordinary path; Ctrl-C while frozen stops it cleanly.
+/// stopped and wakes by the ordinary path; killed while frozen it is started
+/// anew by the next request; Ctrl-C while frozen stops it cleanly.
 #[tokio::test(flavor = "multi_thread")]
 async fn freezes_when_idle_thaws_once_for_many_and_stops_later() {
     let env = TestEnv::engine();
@@ -620,7 +626,14 @@ async fn freezes_when_idle_thaws_once_for_many_and_stops_later() {
     assert!(metrics.contains(&woken), "then one wake of a stopped Space:\n{metrics}");
 
     // Ctrl-C while frozen: thawed, then stopped at once (a frozen app cannot take SIGTERM).
+    // Killed behind hangar up's back while frozen: the next request starts it anew.
     up.wait_count("frozen a third time", 3, Duration::from_secs(30), |l| l.starts_with(&frozen_line));
+    run_ok(env.docker().args(["kill", &name]));
+    let resp = client.get(&url).send().await.expect("restarted and answered");
+    assert_eq!(resp.status(), 200);
+    assert_eq!(docker_state(&env, &name).await, (true, false));
+
+    up.wait_count("frozen a fourth time", 4, Duration::from_secs(30), |l| l.starts_with(&frozen_line));
     let t = Instant::now();
     up.signal("-INT");
     assert!(up.wait_exit(Duration::from_secs(60)).success(), "{}", up.output());

@@ -87,14 +87,13 @@ impl DockerRuntime {
 
     /// Thaws the container if it is frozen. The engine refuses to unpause a
     /// container that is not paused (409, or 500 on Engine 20.10, for "not
-    /// paused" and "not running" alike): then its state tells whether that matters.
+    /// paused" and "not running" alike): then its state tells whether it runs.
     async fn thaw(docker: &Docker, key: &SpaceKey) -> Result<(), RuntimeError> {
         match docker.unpause_container(&Self::container_name(key)).await {
             Ok(()) => Ok(()),
-            Err(e) if is_not_found(&e) => Ok(()),
             Err(e) => match Self::inspect(docker, key).await? {
-                Some(i) if i.paused => Err(err("unpausing the container of", key, e)),
-                _ => Ok(()),
+                Some(i) if i.running && !i.paused => Ok(()),
+                _ => Err(err("unpausing the container of", key, e)),
             },
         }
     }

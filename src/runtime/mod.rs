@@ -108,7 +108,8 @@ pub trait Runtime: Send + Sync + 'static {
     /// no-op when already frozen, an error when it does not run.
     fn pause(&self, key: &SpaceKey) -> BoxFuture<'static, Result<(), RuntimeError>>;
 
-    /// Thaws a frozen instance; a no-op when it is not frozen.
+    /// Thaws a frozen instance; a no-op when it runs unfrozen, an error when
+    /// it does not run (e.g. killed while frozen).
     fn unpause(&self, key: &SpaceKey) -> BoxFuture<'static, Result<(), RuntimeError>>;
 
     /// Memory the running (or frozen) instance holds, in bytes (its working
