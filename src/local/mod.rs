@@ -91,9 +91,9 @@ pub struct UpArgs {
     /// port 0: any free port (printed).
     #[arg(long, env = "HANGAR_UP_LOGS_LISTEN", default_value = "127.0.0.1:0")]
     pub logs_listen: SocketAddr,
-    /// Idle time before a CPU Space's container is frozen (paused: memory kept, woken in
+    /// Idle time before a Space's container is frozen (paused: memory kept, woken in
     /// milliseconds) when its manifest sets no `freezeAfter`; `never` turns the tier off.
-    /// GPU flavors are not frozen by default.
+    /// Applies to GPU flavors too: no GPU is attached locally, so a frozen one holds none.
     #[arg(long, env = "HANGAR_UP_FREEZE_AFTER", default_value = "5m", value_parser = parse_freeze_after)]
     pub freeze_after: FreezeDefault,
 }
@@ -211,7 +211,9 @@ pub async fn run(args: UpArgs) -> crate::Result<()> {
         keep_running: args.keep_running,
         token_sha256: args.token.as_deref().map(|t| crate::proxy::auth::token_digest(t.as_bytes())),
         started,
-        sleep_policy: SleepPolicy { cpu_freeze_after: args.freeze_after.0, ..SleepPolicy::default() },
+        // The cluster skips freezing GPU flavors (a frozen pod keeps its GPU);
+        // local containers get no GPU, so every flavor freezes alike.
+        sleep_policy: SleepPolicy { cpu_freeze_after: args.freeze_after.0, gpu_freeze_after: args.freeze_after.0 },
         previous,
     });
 
