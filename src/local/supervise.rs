@@ -97,16 +97,17 @@ impl Supervisor {
     }
 
     fn set_running(&self, endpoint: SocketAddr) {
-        self.ctx.book.update(&self.key.to_string(), &self.url, |s| {
-            s.stage = Stage::Running;
-            s.message = None;
-            s.clear_sleep();
-        });
+        // The route first: held requests (a thaw's) go out before the state file is written.
         self.ctx.source.update(&self.key, |r| {
             r.stage = Some(Stage::Running);
             r.message = None;
             r.frozen = None;
             r.endpoints = vec![endpoint];
+        });
+        self.ctx.book.update(&self.key.to_string(), &self.url, |s| {
+            s.stage = Stage::Running;
+            s.message = None;
+            s.clear_sleep();
         });
     }
 
