@@ -578,6 +578,16 @@ async fn freezes_when_idle_thaws_once_for_many_and_stops_later() {
     assert_eq!(docker_state(&env, &name).await, (true, true), "a frozen Space's container is paused");
     let ls = hangar_ls(state.path());
     assert!(ls.lines().any(|l| l.starts_with(&id) && l.contains("SLEEPING") && l.contains("frozen (")), "{ls}");
+    let local_metrics = up.wait_line("metrics", Duration::from_secs(5), |l| l.starts_with("metrics: http://"));
+    let local_metrics = local_metrics.split_whitespace().nth(1).expect("metrics URL").to_owned();
+    let text = client.get(&local_metrics).send().await.expect("metrics").text().await.expect("text");
+    let held = format!(r#"hangar_up_frozen_memory_bytes{{namespace="{owner}",space="ice"}} "#);
+    let bytes: u64 = text
+        .lines()
+        .find_map(|l| l.strip_prefix(&held))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("memory held while frozen:\n{text}"));
+    assert!(bytes > 0, "{text}");
 
     // 50 requests at once: one thaw, all answered.
     let since = SystemTime::now();
@@ -598,6 +608,8 @@ async fn freezes_when_idle_thaws_once_for_many_and_stops_later() {
     assert_eq!(docker_state(&env, &name).await, (true, false), "thawed");
     assert_eq!(up.count(|l| l.starts_with(&format!("{id}: RUNNING (thawed"))), 1, "one thaw\n{}", up.output());
     assert_eq!(unpauses_since(&env, &name, since), 1, "exactly one unpause for 50 requests");
+    let text = client.get(&local_metrics).send().await.expect("metrics").text().await.expect("text");
+    assert!(!text.contains(&held), "thawed: no memory held frozen\n{text}");
     let metrics = client.get(format!("http://{}/metrics", up.addr)).send().await.expect("metrics");
     let metrics = metrics.text().await.expect("metrics text");
     let wakes = format!(r#"hangar_proxy_wakes_total{{namespace="{owner}",space="ice",tier="frozen"}} 1"#);

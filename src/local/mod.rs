@@ -18,6 +18,7 @@
 //! start next time) unless `--keep-running`.
 
 pub mod discover;
+pub mod metrics;
 pub mod snapshot;
 pub mod state;
 pub mod supervise;
@@ -194,6 +195,7 @@ pub async fn run(args: UpArgs) -> crate::Result<()> {
             args.listen
         ))
     })?;
+    let metrics = Arc::new(metrics::LocalMetrics::new());
     // Read before the new book overwrites it: frozen containers' idle times.
     let previous = UpState::read(&state_dir)
         .map(|s| s.spaces.into_iter().map(|s| (s.id.clone(), s)).collect())
@@ -215,6 +217,7 @@ pub async fn run(args: UpArgs) -> crate::Result<()> {
         // local containers get no GPU, so every flavor freezes alike.
         sleep_policy: SleepPolicy { cpu_freeze_after: args.freeze_after.0, gpu_freeze_after: args.freeze_after.0 },
         previous,
+        metrics: Arc::clone(&metrics),
     });
 
     let logs_listener = tokio::net::TcpListener::bind(args.logs_listen)
@@ -222,7 +225,9 @@ pub async fn run(args: UpArgs) -> crate::Result<()> {
         .map_err(|e| crate::Error::Invalid(format!("cannot serve the logs API on {}: {e}", args.logs_listen)))?;
     let logs_addr = logs_listener.local_addr()?;
     let logs_task = tokio::spawn(async move {
-        if let Err(e) = axum::serve(logs_listener, crate::builder::logs::router(logs)).await {
+        let router = crate::builder::logs::router(logs)
+            .route("/metrics", axum::routing::get(move || async move { metrics.encode() }));
+        if let Err(e) = axum::serve(logs_listener, router).await {
             tracing::warn!(error = %e, "the logs API stopped");
         }
     });
@@ -240,6 +245,10 @@ pub async fn run(args: UpArgs) -> crate::Result<()> {
         println!("  {}  {}", space.key, ctx.url(&space.key));
     }
     println!("logs: http://{logs_addr}/api/spaces/<owner>/<name>/logs/build (or /run)");
+    println!(
+        "metrics: http://{logs_addr}/metrics (memory held by frozen Spaces; the proxy's at http://{}/metrics)",
+        proxy.addr
+    );
     let senders = Arc::new(senders);
     let handler: WakeHandler = Arc::new(move |key: SpaceKey| {
         let tx = senders.get(&key).cloned();

@@ -14,6 +14,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use super::discover::{LocalSpace, Origin};
+use super::metrics::LocalMetrics;
 use super::snapshot;
 use super::state::{Book, SpaceState, from_unix_ms, unix_ms};
 use crate::builder::{BuildRequest, Builder, LogKind};
@@ -55,6 +56,8 @@ pub struct Ctx {
     pub sleep_policy: SleepPolicy,
     /// What the previous `hangar up` with this state directory last recorded, by Space id.
     pub previous: BTreeMap<String, SpaceState>,
+    /// `hangar up`'s own metrics (memory held by frozen containers).
+    pub metrics: Arc<LocalMetrics>,
 }
 
 impl Ctx {
@@ -86,6 +89,7 @@ impl Supervisor {
             s.message = message.clone();
             s.clear_sleep();
         });
+        self.ctx.metrics.frozen_memory(&self.key, None);
         self.ctx.source.update(&self.key, |r| {
             r.stage = Some(stage);
             r.message = message;
@@ -109,6 +113,7 @@ impl Supervisor {
             s.message = None;
             s.clear_sleep();
         });
+        self.ctx.metrics.frozen_memory(&self.key, None);
     }
 
     /// Asleep in `tier`: the route has no endpoint, so requests are held;
@@ -132,6 +137,7 @@ impl Supervisor {
             s.idle_since_ms = idle_since.map(unix_ms);
             s.memory_bytes = memory;
         });
+        self.ctx.metrics.frozen_memory(&self.key, memory.filter(|_| tier == SleepTier::Frozen));
         self.ctx.source.update(&self.key, |r| {
             r.stage = Some(Stage::Sleeping);
             r.message = None;
