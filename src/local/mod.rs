@@ -3,7 +3,8 @@
 //! * [`discover`]: which Spaces a folder holds (manifests and/or repositories).
 //! * [`snapshot`]: a folder's working tree as a reproducible git commit, for the builder.
 //! * [`state`]: the state file `hangar ls` reads.
-//! * [`supervise`]: one task per Space: build, run, sleep, wake.
+//! * [`supervise`]: one task per Space: build, run, freeze, stop, thaw, wake.
+//! * [`metrics`]: `hangar up`'s own metrics (memory held by frozen containers).
 //!
 //! The builder builds on the local engine without pushing (no registry
 //! needed), the [`DockerRuntime`] runs one container per Space published on a
@@ -16,6 +17,14 @@
 //! them as they are, and unchanged Spaces are not rebuilt (same files, same
 //! build key, same image). Ctrl-C stops the containers (kept for a fast
 //! start next time) unless `--keep-running`.
+//!
+//! Idle Spaces sleep in two tiers: past `freezeAfter` the container is
+//! paused (cgroup freezer: memory kept, no CPU) and its route names it as
+//! frozen, so the proxy's thaw (one per freeze, however many requests wait)
+//! asks its supervisor to unpause it and forwards as soon as it serves; past
+//! `sleepAfter` it is stopped and woken by a start. A paused container found
+//! at start-up gets its tier from the idle time the previous `hangar up`
+//! recorded, so none stays frozen for good.
 
 pub mod discover;
 pub mod metrics;
