@@ -50,6 +50,8 @@ struct Hangar {
     proxy_addr: String,
     proxy_admin: String,
     webhook_url: String,
+    /// `host:port` of the operator's /metrics and logs API.
+    operator_http: String,
 }
 
 fn free_port() -> u16 {
@@ -162,6 +164,7 @@ fn start_hangar(ns: &TestNamespace, dir: &Path) -> Hangar {
         proxy_addr,
         proxy_admin,
         webhook_url: format!("http://{webhook_addr}/webhooks/hub"),
+        operator_http,
     }
 }
 
@@ -530,7 +533,12 @@ async fn a_gradio_space_lives_its_whole_life_in_the_cluster() {
         assert_eq!(count, 1, "{name}: one activity Lease");
     }
 
-    // 7. Deleting the Space removes its workload, Service and Lease; the proxy says 404.
+    // 7. Deleting the Space removes its workload, Service and Lease, and the operator's
+    // records of its builds (the build log); the proxy says 404.
+    let build_log = format!("http://{}/api/spaces/{n}/hello/logs/build", h.operator_http);
+    let kept = client().get(&build_log).timeout(Duration::from_secs(10)).send().await.expect("build log");
+    assert_eq!(kept.status().as_u16(), 200, "the build log is kept while the Space lives");
+    drop(kept);
     run_ok(ns.kubectl().args(["delete", "space", "hello", "--wait=true", "--timeout=60s"]));
     wait_for("hello's objects gone", Duration::from_secs(90), || async {
         let selector = ListParams::default().labels(&format!("{SPACE_LABEL}=hello"));
@@ -549,6 +557,11 @@ async fn a_gradio_space_lives_its_whole_life_in_the_cluster() {
     })
     .await;
     assert_eq!(gone, 404);
+    wait_for("the operator forgetting hello's builds", Duration::from_secs(30), || async {
+        let status = client().get(&build_log).send().await?.status().as_u16();
+        Ok((status == 404).then_some(()))
+    })
+    .await;
 
     // The chart's RBAC let every component do what it tried.
     for component in [&h.operator, &h.proxy, &h.webhook] {
