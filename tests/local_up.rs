@@ -577,7 +577,10 @@ async fn freezes_when_idle_thaws_once_for_many_and_stops_later() {
     up.wait_line("frozen", Duration::from_secs(30), |l| l.starts_with(&frozen_line));
     assert_eq!(docker_state(&env, &name).await, (true, true), "a frozen Space's container is paused");
     let ls = hangar_ls(state.path());
-    assert!(ls.lines().any(|l| l.starts_with(&id) && l.contains("SLEEPING") && l.contains("frozen (")), "{ls}");
+    assert!(
+        ls.lines().any(|l| l.starts_with(&id) && l.contains("SLEEPING") && l.contains("frozen ") && l.contains(" MiB")),
+        "{ls}"
+    );
     let local_metrics = up.wait_line("metrics", Duration::from_secs(5), |l| l.starts_with("metrics: http://"));
     let local_metrics = local_metrics.split_whitespace().nth(1).expect("metrics URL").to_owned();
     let text = client.get(&local_metrics).send().await.expect("metrics").text().await.expect("text");

@@ -152,7 +152,7 @@ pub fn ls(args: &LsArgs) -> crate::Result<()> {
     if args.json {
         println!("{}", serde_json::to_string_pretty(&state)?);
     } else {
-        print!("{}", state::render_table(&state, alive));
+        print!("{}", state::render_table(&state, alive, state::unix_ms(std::time::SystemTime::now())));
         if !alive {
             eprintln!("(hangar up (pid {}) is not running: this is its last state)", state.pid);
         }

@@ -136,15 +136,15 @@ fn write_atomic(path: &Path, state: &UpState) -> std::io::Result<()> {
     std::fs::rename(&tmp, path)
 }
 
-/// `hangar ls`'s table.
-pub fn render_table(state: &UpState, alive: bool) -> String {
+/// `hangar ls`'s table at time `now_ms` (Unix milliseconds).
+pub fn render_table(state: &UpState, alive: bool, now_ms: u64) -> String {
     let mut out = String::new();
     let width = state.spaces.iter().map(|s| s.id.len()).max().unwrap_or(5).max(5);
     out.push_str(&format!("{:<width$}  {:<22}  {:<20}  URL\n", "SPACE", "STAGE", "TIER"));
     for s in &state.spaces {
         // A dead writer means nothing serves: say so rather than repeat its last word.
         let stage = if alive { s.stage.as_str() } else { Stage::Stopped.as_str() };
-        let tier = if alive && s.stage == Stage::Sleeping { tier_text(s) } else { "-".to_owned() };
+        let tier = if alive && s.stage == Stage::Sleeping { tier_text(s, now_ms) } else { "-".to_owned() };
         out.push_str(&format!("{:<width$}  {:<22}  {:<20}  {}\n", s.id, stage, tier, s.url));
         if let Some(m) = s.message.as_deref().filter(|_| alive && s.stage.is_error()) {
             let first = m.lines().next().unwrap_or_default();
@@ -154,12 +154,30 @@ pub fn render_table(state: &UpState, alive: bool) -> String {
     out
 }
 
-/// `frozen (113 MiB)`, `stopped`.
-fn tier_text(s: &SpaceState) -> String {
-    match (s.tier, s.memory_bytes) {
-        (Some(SleepTier::Frozen), Some(bytes)) => format!("frozen ({})", mib(bytes)),
-        (Some(tier), _) => tier.as_str().to_ascii_lowercase(),
-        (None, _) => "-".to_owned(),
+/// `frozen 3m, 113 MiB`, `stopped 2h`: the tier, for how long, what it holds.
+fn tier_text(s: &SpaceState, now_ms: u64) -> String {
+    let Some(tier) = s.tier else {
+        return "-".to_owned();
+    };
+    let mut text = tier.as_str().to_ascii_lowercase();
+    if let Some(since) = s.tier_since_ms {
+        text.push(' ');
+        text.push_str(&short_duration(now_ms.saturating_sub(since) / 1000));
+    }
+    if let (SleepTier::Frozen, Some(bytes)) = (tier, s.memory_bytes) {
+        text.push_str(", ");
+        text.push_str(&mib(bytes));
+    }
+    text
+}
+
+/// `42s`, `3m`, `5h`, `2d` (the largest whole unit).
+fn short_duration(secs: u64) -> String {
+    match secs {
+        0..60 => format!("{secs}s"),
+        60..3600 => format!("{}m", secs / 60),
+        3600..86400 => format!("{}h", secs / 3600),
+        _ => format!("{}d", secs / 86400),
     }
 }
 
@@ -194,13 +212,14 @@ mod tests {
         assert_eq!(state.pid, std::process::id());
         assert_eq!(state.spaces.len(), 2);
         assert!(state.writer_alive(), "this test process runs (its name contains hangar)");
-        let table = render_table(&state, true);
+        let table = render_table(&state, true, 0);
         assert!(table.contains("local/a  RUNNING"), "{table}");
         assert!(table.contains("BUILD_ERROR") && table.contains("step 2 failed") && !table.contains("more"), "{table}");
-        assert!(render_table(&state, false).contains("local/a  STOPPED"));
+        assert!(render_table(&state, false, 0).contains("local/a  STOPPED"));
         book.update("local/a", "http://local-a.localhost:8080/", |s| {
             s.stage = Stage::Sleeping;
             s.tier = Some(SleepTier::Frozen);
+            s.tier_since_ms = Some(1_000_000);
             s.memory_bytes = Some(113 << 20);
         });
         book.update("local/b", "http://local-b.localhost:8080/", |s| {
@@ -209,9 +228,16 @@ mod tests {
         });
         let state = UpState::read(tmp.path()).expect("readable");
         assert_eq!(state.spaces[0].tier, Some(SleepTier::Frozen));
-        let table = render_table(&state, true);
-        assert!(table.lines().any(|l| l.starts_with("local/a  SLEEPING") && l.contains("frozen (113 MiB)")), "{table}");
+        let table = render_table(&state, true, 1_000_000 + 185_000);
+        assert!(
+            table.lines().any(|l| l.starts_with("local/a  SLEEPING") && l.contains("frozen 3m, 113 MiB")),
+            "{table}"
+        );
         assert!(table.lines().any(|l| l.starts_with("local/b  SLEEPING") && l.contains("stopped")), "{table}");
+        assert_eq!(
+            [0, 59, 60, 3599, 3600, 86_399, 86_400 * 3].map(short_duration),
+            ["0s", "59s", "1m", "59m", "1h", "23h", "3d"]
+        );
         let at = std::time::UNIX_EPOCH + std::time::Duration::from_millis(1_700_000_000_123);
         assert_eq!(from_unix_ms(unix_ms(at)), at);
         assert_eq!(book.stages()["local/b"], Stage::Sleeping);
