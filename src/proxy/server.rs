@@ -93,11 +93,18 @@ struct Inner {
 struct Worker {
     inner: Arc<Inner>,
     forwarder: Forwarder,
-    spaces: Mutex<HashMap<SpaceKey, SpaceHandles>>,
+    /// This worker's copy of the route table, with `Arc`s of its own: the hot
+    /// path touches no reference count another thread touches too.
+    routes: Mutex<LocalRoutes>,
+    spaces: Mutex<HashMap<SpaceKey, Arc<SpaceHandles>>>,
+}
+
+struct LocalRoutes {
+    source: watch::Receiver<Arc<RouteTable>>,
+    table: Arc<RouteTable>,
 }
 
 /// A Space's metrics and activity state, looked up once per worker.
-#[derive(Clone)]
 struct SpaceHandles {
     metrics: Arc<SpaceMetrics>,
     activity: Arc<SpaceActivity>,
@@ -346,23 +353,38 @@ fn stage_text(stage: Stage, message: Option<&str>) -> String {
 impl Worker {
     fn new(inner: Arc<Inner>) -> Self {
         let forwarder = Forwarder::new(inner.config.connect_timeout, inner.config.header_timeout);
-        Self { inner, forwarder, spaces: Mutex::new(HashMap::new()) }
+        let mut source = inner.routes.clone();
+        let table = local_copy(&source.borrow_and_update());
+        let routes = Mutex::new(LocalRoutes { source, table });
+        Self { inner, forwarder, routes, spaces: Mutex::new(HashMap::new()) }
+    }
+
+    /// The current route table (this worker's copy, refreshed when the source changed it).
+    fn table(&self) -> Arc<RouteTable> {
+        let mut local = self.routes.lock().unwrap_or_else(PoisonError::into_inner);
+        // A version check: no lock on the shared channel unless something changed.
+        if local.source.has_changed().unwrap_or(false) {
+            let table = local_copy(&local.source.borrow_and_update());
+            local.table = table;
+        }
+        Arc::clone(&local.table)
     }
 
     /// The Space's handles, from this worker's cache.
-    fn space(&self, key: &SpaceKey) -> SpaceHandles {
+    fn space(&self, key: &SpaceKey) -> Arc<SpaceHandles> {
         let mut spaces = self.spaces.lock().unwrap_or_else(PoisonError::into_inner);
         if let Some(h) = spaces.get(key) {
-            return h.clone();
+            return Arc::clone(h);
         }
-        let h = SpaceHandles { metrics: self.inner.metrics.space(key), activity: self.inner.activity.entry(key) };
-        spaces.insert(key.clone(), h.clone());
+        let h =
+            Arc::new(SpaceHandles { metrics: self.inner.metrics.space(key), activity: self.inner.activity.entry(key) });
+        spaces.insert(key.clone(), Arc::clone(&h));
         h
     }
 
     async fn handle(&self, req: Request<Incoming>, client_ip: &HeaderValue) -> Response<ProxyBody> {
         let start = Instant::now();
-        let table = Arc::clone(&self.inner.routes.borrow());
+        let table = self.table();
         let host =
             req.headers().get(HOST).and_then(|h| h.to_str().ok()).or_else(|| req.uri().authority().map(|a| a.as_str()));
         let path_and_query = req.uri().path_and_query().map_or("/", |pq| pq.as_str());
@@ -486,6 +508,11 @@ impl Worker {
         };
         self.forward(req, &m, route, space, client_ip).await
     }
+}
+
+/// A copy of `table` whose routes are new `Arc`s (only when the source publishes a change).
+fn local_copy(table: &RouteTable) -> Arc<RouteTable> {
+    Arc::new(RouteTable::new(table.domain(), table.routes().map(|r| SpaceRoute::clone(r))))
 }
 
 fn paused(route: &SpaceRoute) -> Response<ProxyBody> {
