@@ -27,6 +27,7 @@ use kube::api::{ListParams, Patch, PatchParams, PostParams};
 use serde_json::json;
 use support::process::{Component, args};
 use support::repo::{bare_clone, copy_dir, git, serve_dumb_http};
+use support::space::stage_of;
 use support::{TestNamespace, repo_root, run_ok, wait_for};
 
 const DOMAIN: &str = "hf.test";
@@ -36,12 +37,6 @@ const FLOOR_LABEL: &str = "bench.hangar.dev/floor";
 
 fn client() -> reqwest::Client {
     reqwest::Client::builder().no_proxy().timeout(Duration::from_secs(120)).build().expect("reqwest client")
-}
-
-async fn stage(spaces: &Api<Space>, name: &str) -> Option<Stage> {
-    let space = spaces.get(name).await.ok()?;
-    let status = space.status?;
-    (status.observed_generation == space.metadata.generation).then_some(status.stage?)
 }
 
 async fn pods(ns: &TestNamespace, selector: &str) -> Vec<Pod> {
@@ -111,7 +106,7 @@ async fn floor_sample(ns: &TestNamespace, deployment: &str, port: u16) -> Durati
 /// A request through the proxy to the sleeping Space, until its first byte.
 async fn hangar_sample(ns: &TestNamespace, spaces: &Api<Space>, proxy: &str, space: &str) -> Duration {
     wait_for(&format!("{space} asleep"), Duration::from_secs(120), || async {
-        let asleep = stage(spaces, space).await == Some(Stage::Sleeping)
+        let asleep = stage_of(spaces, space).await.map(|(s, _)| s) == Some(Stage::Sleeping)
             && pods(ns, &format!("{SPACE_LABEL}={space}")).await.is_empty();
         Ok(asleep.then_some(()))
     })
@@ -147,20 +142,8 @@ async fn main() {
     run_ok(ns.env.kubectl().args(["apply", "--server-side", "--force-conflicts", "-f"]).arg(repo_root().join("crds")));
     run_ok(ns.env.kubectl().args(["wait", "--for=condition=Established", "crd/spaces.hangar.dev", "--timeout=30s"]));
     let dir = tempfile::tempdir().expect("tempdir");
-    let ca = std::env::var("HANGAR_EXTRA_CA_FILE").unwrap_or_default();
-    let mut builder = vec![
-        "--registry",
-        &ns.env.registry,
-        "--python-image",
-        &ns.env.python_image,
-        "--static-image",
-        &ns.env.static_image,
-        "--docker-host",
-        &ns.env.docker_host,
-    ];
-    if !ca.is_empty() {
-        builder.extend(["--extra-ca-file", &ca]);
-    }
+    let builder = support::operator::builder_args(&ns.env);
+    let builder: Vec<&str> = builder.iter().map(String::as_str).collect();
     let _operator = support::operator::Operator::start(&ns, MAPPING, &builder);
     let proxy_addr = format!("127.0.0.1:{}", support::operator::free_port());
     let admin = format!("127.0.0.1:{}", support::operator::free_port());
@@ -203,7 +186,7 @@ async fn main() {
     let mut rows = Vec::new();
     for example in examples {
         wait_for(&format!("{example} running"), Duration::from_secs(900), || async {
-            Ok((stage(&spaces, example).await == Some(Stage::Running)).then_some(()))
+            Ok((stage_of(&spaces, example).await.map(|(s, _)| s) == Some(Stage::Running)).then_some(()))
         })
         .await;
         let (floor, port) = floor_deployment(&ns, example).await;

@@ -28,6 +28,7 @@ use kube::api::{ListParams, Patch, PatchParams};
 use serde_json::json;
 use support::process::{Component, args};
 use support::repo::{bare_clone, commit_file, copy_dir, git, publish, serve_dumb_http};
+use support::space::{stage_of, wait_stage};
 use support::{TestNamespace, repo_root, run, run_ok, wait_for};
 
 const DOMAIN: &str = "hf.test";
@@ -118,21 +119,9 @@ fn start_hangar(ns: &TestNamespace, dir: &Path) -> Hangar {
         &ns.name,
         "--identity",
         "e2e-operator",
-        "--registry",
-        &ns.env.registry,
-        "--python-image",
-        &ns.env.python_image,
-        "--static-image",
-        &ns.env.static_image,
-        "--docker-host",
-        &ns.env.docker_host,
     ]);
+    operator_args.extend(args(support::operator::builder_args(&ns.env)));
     operator_args.extend(args([OsString::from("--hardware-mapping"), mapping.into_os_string()]));
-    if let Ok(ca) = std::env::var("HANGAR_EXTRA_CA_FILE")
-        && !ca.is_empty()
-    {
-        operator_args.extend(args(["--extra-ca-file", &ca]));
-    }
     let operator = Component::start("operator", dir, &operator_args, &kubeconfig("operator"));
 
     let (proxy_addr, proxy_admin) = (format!("127.0.0.1:{}", free_port()), format!("127.0.0.1:{}", free_port()));
@@ -220,19 +209,6 @@ fn assert_streamed(run: &ClientRun, count: u32) {
     assert!(spread >= 0.3 * f64::from(count - 1), "values arrived in a burst: {times:?}");
     let gaps = times.windows(2).filter(|w| w[1] - w[0] > 0.2).count();
     assert!(gaps >= (count as usize - 1) / 2, "too few separate arrivals: {times:?}");
-}
-
-async fn space_status(spaces: &Api<Space>, name: &str) -> Option<(Stage, Space)> {
-    let space = spaces.get(name).await.ok()?;
-    let status = space.status.clone()?;
-    (status.observed_generation == space.metadata.generation).then_some((status.stage?, space))
-}
-
-async fn wait_stage(spaces: &Api<Space>, name: &str, stage: Stage, timeout: Duration) -> Space {
-    wait_for(&format!("{name} in {stage:?}"), timeout, || async {
-        Ok(space_status(spaces, name).await.filter(|(s, _)| *s == stage).map(|(_, space)| space))
-    })
-    .await
 }
 
 async fn space_pods(ns: &TestNamespace, name: &str) -> Vec<Pod> {
@@ -393,7 +369,7 @@ async fn a_gradio_space_lives_its_whole_life_in_the_cluster() {
     wait_stage(&spaces, "hello", Stage::RunningBuilding, Duration::from_secs(60)).await;
     let rollout = Instant::now();
     let rolled = wait_for("the new commit running", Duration::from_secs(600), || async {
-        let Some((stage, space)) = space_status(&spaces, "hello").await else { return Ok(None) };
+        let Some((stage, space)) = stage_of(&spaces, "hello").await else { return Ok(None) };
         let revision = space.status.as_ref().and_then(|s| s.build.as_ref()).and_then(|b| b.revision.clone());
         Ok((stage == Stage::Running && revision.as_deref() == Some(second.as_str())).then_some(space))
     })
@@ -452,7 +428,7 @@ async fn a_gradio_space_lives_its_whole_life_in_the_cluster() {
     let watcher = tokio::spawn(async move {
         let mut stages = Vec::new();
         while !seen_stop.load(Ordering::Relaxed) {
-            if let Some((stage, _)) = space_status(&watching, "hello").await {
+            if let Some((stage, _)) = stage_of(&watching, "hello").await {
                 stages.push(stage);
             }
             tokio::time::sleep(Duration::from_millis(500)).await;
@@ -491,7 +467,7 @@ async fn a_gradio_space_lives_its_whole_life_in_the_cluster() {
     tokio::time::sleep(Duration::from_secs(3)).await;
     assert!(space_pods(&ns, "paused").await.is_empty(), "a paused Space keeps no pod");
     assert_eq!(proxy_wakes(&h, &n, "paused").await, 0, "a paused Space does not wake");
-    assert_eq!(space_status(&spaces, "paused").await.map(|(s, _)| s), Some(Stage::Paused));
+    assert_eq!(stage_of(&spaces, "paused").await.map(|(s, _)| s), Some(Stage::Paused));
 
     // 6. Kill the operator and the proxy (SIGKILL); while they are down a user unpauses a
     // Space. Started again: routes come back from the watch, the missed change converges,

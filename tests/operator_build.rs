@@ -15,6 +15,7 @@ use kube::{Api, ResourceExt};
 use serde_json::json;
 use support::operator::Operator;
 use support::repo::{commit_file, fixture_repo};
+use support::space::{stage_of, wait_stage};
 use support::{TestNamespace, http_client, http_get, run_ok, wait_for};
 
 /// CPU Spaces on the real node, which pulls from the test registry.
@@ -29,20 +30,8 @@ async fn setup(prefix: &str) -> (TestNamespace, Operator) {
     let ns = TestNamespace::new(prefix, &["kubelet", "containerd", "kube-controller-manager"]).await;
     run_ok(ns.env.kubectl().arg("apply").arg("-f").arg(support::repo_root().join("crds")));
     run_ok(ns.env.kubectl().args(["wait", "--for=condition=Established", "crd/spaces.hangar.dev", "--timeout=30s"]));
-    let ca = std::env::var("HANGAR_EXTRA_CA_FILE").unwrap_or_default();
-    let mut args = vec![
-        "--registry",
-        &ns.env.registry,
-        "--python-image",
-        &ns.env.python_image,
-        "--static-image",
-        &ns.env.static_image,
-        "--docker-host",
-        &ns.env.docker_host,
-    ];
-    if !ca.is_empty() {
-        args.extend(["--extra-ca-file", &ca]);
-    }
+    let builder = support::operator::builder_args(&ns.env);
+    let args: Vec<&str> = builder.iter().map(String::as_str).collect();
     let operator = Operator::start(&ns, MAPPING, &args);
     (ns, operator)
 }
@@ -53,19 +42,6 @@ fn source_space(name: &str, repo: &std::path::Path, env: &[(&str, &str)]) -> Spa
     let mut spec = SpaceSpec { source: Some(source), hardware: "cpu-basic".into(), ..Default::default() };
     spec.env = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
     Space::new(name, spec)
-}
-
-async fn stage_of(api: &Api<Space>, name: &str) -> Option<(Stage, Space)> {
-    let space = api.get(name).await.ok()?;
-    let status = space.status.clone()?;
-    (status.observed_generation == space.metadata.generation).then_some((status.stage?, space))
-}
-
-async fn wait_stage(api: &Api<Space>, name: &str, stage: Stage, timeout: Duration) -> Space {
-    wait_for(&format!("{name} in {stage:?}"), timeout, || async {
-        Ok(stage_of(api, name).await.filter(|(s, _)| *s == stage).map(|(_, space)| space))
-    })
-    .await
 }
 
 /// Body of `GET /` from the Space's ready pod of the given image, by pod IP.

@@ -14,6 +14,7 @@
 pub mod operator;
 pub mod process;
 pub mod repo;
+pub mod space;
 
 use std::future::Future;
 use std::path::{Path, PathBuf};

@@ -63,3 +63,24 @@ impl Drop for Operator {
         }
     }
 }
+
+/// `hangar operator`'s builder arguments for the test bed: its registry, base images,
+/// Docker engine and (when set) the extra CA bundle builds trust.
+pub fn builder_args(env: &super::TestEnv) -> Vec<String> {
+    let mut args = vec![
+        "--registry".to_owned(),
+        env.registry.clone(),
+        "--python-image".to_owned(),
+        env.python_image.clone(),
+        "--static-image".to_owned(),
+        env.static_image.clone(),
+        "--docker-host".to_owned(),
+        env.docker_host.clone(),
+    ];
+    if let Ok(ca) = std::env::var("HANGAR_EXTRA_CA_FILE")
+        && !ca.is_empty()
+    {
+        args.extend(["--extra-ca-file".to_owned(), ca]);
+    }
+    args
+}
