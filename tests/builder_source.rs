@@ -3,7 +3,6 @@
 
 mod support;
 
-
 use hangar::builder::source::{checkout, read_repo};
 use support::repo::git;
 
