@@ -55,18 +55,18 @@ impl NodeAgents {
         self.urls.lock().unwrap_or_else(PoisonError::into_inner).get(node).cloned()
     }
 
-    /// The agent URL of `node`, from the cache or its Node.
-    async fn url(&self, node: &str, refresh: bool) -> Result<String, SourceError> {
+    /// The agent URL of `node`, from the cache or its Node; `None`: no agent ever
+    /// ran there (so nothing there can be frozen).
+    async fn url(&self, node: &str, refresh: bool) -> Result<Option<String>, SourceError> {
         if !refresh && let Some(url) = self.cached(node) {
-            return Ok(url);
+            return Ok(Some(url));
         }
         let nodes: Api<Node> = Api::all(self.client.clone());
         let found = nodes.get(node).await?;
-        let url =
-            found.metadata.annotations.as_ref().and_then(|a| a.get(&self.annotation)).cloned().ok_or_else(|| {
-                SourceError::Other(format!("node {node} has no node agent ({} unset)", self.annotation))
-            })?;
-        self.urls.lock().unwrap_or_else(PoisonError::into_inner).insert(node.to_owned(), url.clone());
+        let url = found.metadata.annotations.as_ref().and_then(|a| a.get(&self.annotation)).cloned();
+        if let Some(url) = &url {
+            self.urls.lock().unwrap_or_else(PoisonError::into_inner).insert(node.to_owned(), url.clone());
+        }
         Ok(url)
     }
 
@@ -86,7 +86,7 @@ impl NodeAgents {
             let this = Arc::clone(self);
             tokio::spawn(async move {
                 if let Err(e) = this.url(&node, false).await {
-                    tracing::debug!(%node, error = %e, "no node agent URL yet");
+                    tracing::debug!(%node, error = %e, "cannot read the node's agent URL");
                 }
             });
         }
@@ -112,7 +112,11 @@ impl NodeAgents {
         // Once from the cache; again with the Node's current URL if that failed.
         for refresh in [false, true] {
             let url = match self.url(node, refresh).await {
-                Ok(url) => url,
+                Ok(Some(url)) => url,
+                Ok(None) => {
+                    tracing::debug!(%node, "no node agent on the node: nothing to thaw");
+                    return Ok(());
+                }
                 Err(e) => return Err(last.unwrap_or(e)),
             };
             match self.post(&url, authorization, body.clone()).await {

@@ -118,14 +118,18 @@ impl Wakes {
         let key = &route.key;
         let decision = route.frozen.as_ref().map_or(0, |f| f.decision);
         let mut thaws = self.thaws.lock().unwrap_or_else(PoisonError::into_inner);
+        let retry = thaws.get(key).is_some_and(|t| t.decision == decision);
         if let Some(t) = thaws.get(key).filter(|t| t.decision == decision) {
             let failed = matches!(t.future.peek(), Some(Err(_)));
             if !failed || t.started.elapsed() < THAW_RETRY {
                 return (t.future.clone(), false);
             }
         }
-        self.metrics.wake(key, TIER_FROZEN);
-        tracing::info!(space = %key, decision, "thawing frozen Space");
+        // A retry after a failure is the same wake.
+        if !retry {
+            self.metrics.wake(key, TIER_FROZEN);
+            tracing::info!(space = %key, decision, "thawing frozen Space");
+        }
         let started = Instant::now();
         let thaw = self.source.thaw(route);
         let renew = self.source.wake(key);
