@@ -109,6 +109,16 @@ fn peak_rss_kib(child: &Child) -> Option<u64> {
     line.split_whitespace().nth(1)?.parse().ok()
 }
 
+/// CPU seconds (user + system) the process used so far.
+fn cpu_seconds(child: &Child) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{}/stat", child.id())).ok()?;
+    // Fields after the command name (which may hold spaces): utime and stime are the 12th and 13th.
+    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    let ticks: f64 = fields.get(11)?.parse::<f64>().ok()? + fields.get(12)?.parse::<f64>().ok()?;
+    // USER_HZ is 100 on Linux.
+    Some(ticks / 100.0)
+}
+
 fn free_port() -> Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
@@ -209,6 +219,7 @@ struct Outcome {
     objects: Option<Duration>,
     running: Option<Duration>,
     rss_kib: u64,
+    cpu_seconds: f64,
     metrics: Vec<(String, f64)>,
 }
 
@@ -261,6 +272,7 @@ async fn run_variant(
             objects: p.at_objects,
             running: p.at_running.filter(|_| !paused),
             rss_kib: peak_rss_kib(&operator).unwrap_or(0),
+            cpu_seconds: cpu_seconds(&operator).unwrap_or(0.0),
             metrics,
         })
     }
@@ -286,6 +298,7 @@ fn report(variant: &str, n: usize, floor: Duration, o: &Outcome) {
         println!("  all RUNNING:                                 {}{}", secs(o.running), ratio(o.running));
     }
     println!("  operator peak RSS:                           {:.1} MiB", o.rss_kib as f64 / 1024.0);
+    println!("  operator CPU time:                           {:.1} s", o.cpu_seconds);
     let get = |name: &str| o.metrics.iter().filter(|(k, _)| k.starts_with(name)).map(|(_, v)| v).sum::<f64>();
     let reconciles = get("reconciles_total");
     println!("  reconciles: {reconciles} ({:.2} per Space)", reconciles / n as f64);
