@@ -443,7 +443,9 @@ impl Worker {
             }
             disposition @ (Disposition::Wake | Disposition::Hold) => {
                 let inner = &self.inner;
-                inner.activity.touch_entry(&space.activity);
+                // A held request is activity for as long as it waits: the Lease stays
+                // fresh, so a slow start is not put back to sleep under it.
+                let _waiting = inner.activity.open_entry(Arc::clone(&space.activity));
                 if disposition == Disposition::Wake {
                     // The wake is sent from the main runtime (see `Inner::main`).
                     let _main = inner.main.enter();

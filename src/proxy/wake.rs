@@ -19,7 +19,7 @@ use crate::space::Stage;
 
 /// A Space still asleep this long after its wake signal gets another one
 /// (the first may have been lost, e.g. the Lease update failed silently upstream).
-pub const WAKE_RESIGNAL: Duration = Duration::from_secs(30);
+pub const WAKE_RESIGNAL: Duration = Duration::from_secs(10);
 /// A failed thaw (agent restarting, unreachable) is tried again after this.
 pub const THAW_RETRY: Duration = Duration::from_millis(500);
 
@@ -201,7 +201,8 @@ impl Drop for HoldGuard {
 }
 
 /// Waits on the route channel (no polling) until the Space can be served or
-/// will not be, at most `timeout`. Signals a wake again if it falls asleep meanwhile.
+/// will not be, at most `timeout`. Signals a wake again if it falls asleep
+/// meanwhile, and every `WAKE_RESIGNAL` while it stays asleep.
 pub async fn wait_ready(
     wakes: &Arc<Wakes>,
     mut routes: watch::Receiver<Arc<RouteTable>>,
@@ -211,6 +212,7 @@ pub async fn wait_ready(
     let deadline = Instant::now() + timeout;
     loop {
         let table = Arc::clone(&routes.borrow_and_update());
+        let mut asleep = false;
         if let Some(route) = table.get(key).filter(|r| r.frozen.is_some() && !r.is_paused()) {
             let (thaw, _) = wakes.thaw(route);
             match tokio::time::timeout_at(deadline, thaw).await {
@@ -240,6 +242,7 @@ pub async fn wait_ready(
                 Disposition::Unavailable(stage) => Some(WaitOutcome::Unavailable(stage)),
                 Disposition::Wake => {
                     wakes.signal(key);
+                    asleep = true;
                     None
                 }
                 Disposition::Hold => None,
@@ -248,11 +251,15 @@ pub async fn wait_ready(
         if let Some(outcome) = outcome {
             return outcome;
         }
-        match tokio::time::timeout_at(deadline, routes.changed()).await {
+        // Still asleep: a lost signal must not leave the request waiting for a
+        // route change that never comes.
+        let until = if asleep { deadline.min(Instant::now() + WAKE_RESIGNAL) } else { deadline };
+        match tokio::time::timeout_at(until, routes.changed()).await {
             Ok(Ok(())) => {}
             // The source is gone: nothing will ever change.
             Ok(Err(_)) => return WaitOutcome::Gone,
-            Err(_) => return WaitOutcome::TimedOut,
+            Err(_) if Instant::now() >= deadline => return WaitOutcome::TimedOut,
+            Err(_) => {}
         }
     }
 }
