@@ -18,13 +18,12 @@ mod support;
 use std::ffi::OsString;
 use std::time::{Duration, Instant};
 
-use hangar::space::naming::{SPACE_LABEL, workload_name};
+use hangar::space::naming::SPACE_LABEL;
 use hangar::space::{Space, Stage};
-use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::Pod;
 use kube::Api;
-use kube::api::{ListParams, Patch, PatchParams, PostParams};
+use kube::api::{Patch, PatchParams, PostParams};
 use serde_json::json;
+use support::floor::{FLOOR_LABEL, floor_answering, floor_deployment, pods, scale};
 use support::process::{Component, args};
 use support::repo::{bare_clone, copy_dir, git, serve_dumb_http};
 use support::space::stage_of;
@@ -33,68 +32,14 @@ use support::{TestNamespace, repo_root, run_ok, wait_for};
 const DOMAIN: &str = "hf.test";
 const MAPPING: &str =
     "requests: {cpu: 10m, memory: 64Mi}\nflavors:\n  cpu-basic:\n    nodeSelector: {hangar.dev/test-node: real}\n";
-const FLOOR_LABEL: &str = "bench.hangar.dev/floor";
-
-fn client() -> reqwest::Client {
-    reqwest::Client::builder().no_proxy().timeout(Duration::from_secs(120)).build().expect("reqwest client")
-}
-
-async fn pods(ns: &TestNamespace, selector: &str) -> Vec<Pod> {
-    let api: Api<Pod> = ns.api();
-    api.list(&ListParams::default().labels(selector)).await.map(|l| l.items).unwrap_or_default()
-}
-
-fn ready_ip(pod: &Pod) -> Option<String> {
-    let status = pod.status.as_ref()?;
-    let ready = status.conditions.as_ref()?.iter().any(|c| c.type_ == "Ready" && c.status == "True");
-    ready.then(|| status.pod_ip.clone()).flatten()
-}
-
-/// The Space's own pod template as a plain Deployment (no hangar labels: nothing of
-/// hangar sees it), at 0 replicas; returns its name and the app's port.
-async fn floor_deployment(ns: &TestNamespace, space: &str) -> (String, u16) {
-    let deployments: Api<Deployment> = ns.api();
-    let source = deployments.get(&workload_name(space)).await.expect("the Space's Deployment");
-    let mut template = source.spec.template;
-    let port = template.spec.as_ref().and_then(|p| p.containers[0].ports.as_ref()?.first()).map(|p| p.container_port);
-    let port = port.and_then(|p| u16::try_from(p).ok()).expect("the app's container port");
-    let name = format!("floor-{space}");
-    let labels = json!({FLOOR_LABEL: name});
-    template.metadata = Some(serde_json::from_value(json!({"labels": labels})).expect("labels"));
-    let floor: Deployment = serde_json::from_value(json!({
-        "apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": name},
-        "spec": {"replicas": 0, "selector": {"matchLabels": labels}, "template": template},
-    }))
-    .expect("floor deployment");
-    deployments.create(&PostParams::default(), &floor).await.expect("create floor deployment");
-    (name, port)
-}
-
-async fn scale(ns: &TestNamespace, deployment: &str, replicas: i32) {
-    let api: Api<Deployment> = ns.api();
-    let patch = json!({"spec": {"replicas": replicas}});
-    api.patch(deployment, &PatchParams::default(), &Patch::Merge(&patch)).await.expect("scale");
-}
 
 /// Scale 0 -> 1 until the pod is Ready and answers HTTP 200 on `port`.
 async fn floor_sample(ns: &TestNamespace, deployment: &str, port: u16) -> Duration {
     let selector = format!("{FLOOR_LABEL}={deployment}");
-    let http = client();
     let start = Instant::now();
     scale(ns, deployment, 1).await;
-    let took = wait_for("the floor pod answering", Duration::from_secs(180), || async {
-        for pod in pods(ns, &selector).await {
-            if let Some(ip) = ready_ip(&pod)
-                && let Ok(r) = http.get(format!("http://{ip}:{port}/")).send().await
-                && r.status() == 200
-            {
-                return Ok(Some(start.elapsed()));
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-        Ok(None)
-    })
-    .await;
+    floor_answering(ns, deployment, port).await;
+    let took = start.elapsed();
     scale(ns, deployment, 0).await;
     wait_for("the floor pod gone", Duration::from_secs(60), || async {
         Ok(pods(ns, &selector).await.is_empty().then_some(()))
@@ -112,7 +57,7 @@ async fn hangar_sample(ns: &TestNamespace, spaces: &Api<Space>, proxy: &str, spa
     })
     .await;
     let start = Instant::now();
-    let response = client()
+    let response = support::held_client()
         .get(format!("http://{proxy}/"))
         .header("host", format!("{}-{space}.{DOMAIN}", ns.name))
         .header("accept", "*/*")

@@ -23,13 +23,13 @@ use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use hangar::space::naming::{SPACE_LABEL, workload_name};
+use hangar::space::naming::SPACE_LABEL;
 use hangar::space::{SleepTier, Space, Stage};
-use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::Pod;
 use kube::Api;
 use kube::api::{ListParams, Patch, PatchParams, PostParams};
 use serde_json::json;
+use support::floor::{FLOOR_LABEL, floor_answering, floor_deployment, pods, scale};
 use support::process::{Component, args};
 use support::repo::{bare_clone, copy_dir, git, serve_dumb_http};
 use support::{TestNamespace, repo_root, run_ok, wait_for};
@@ -37,24 +37,7 @@ use support::{TestNamespace, repo_root, run_ok, wait_for};
 const DOMAIN: &str = "hf.test";
 const MAPPING: &str =
     "requests: {cpu: 10m, memory: 64Mi}\nflavors:\n  cpu-basic:\n    nodeSelector: {hangar.dev/test-node: real}\n";
-const FLOOR_LABEL: &str = "bench.hangar.dev/floor";
 const TOKEN: &str = "freeze-bench-token";
-
-fn client() -> reqwest::Client {
-    reqwest::Client::builder().no_proxy().timeout(Duration::from_secs(120)).build().expect("reqwest client")
-}
-
-async fn pods(ns: &TestNamespace, selector: &str) -> Vec<Pod> {
-    let api: Api<Pod> = ns.api();
-    let list = api.list(&ListParams::default().labels(selector)).await.map(|l| l.items).unwrap_or_default();
-    list.into_iter().filter(|p| p.metadata.deletion_timestamp.is_none()).collect()
-}
-
-fn ready_ip(pod: &Pod) -> Option<String> {
-    let status = pod.status.as_ref()?;
-    let ready = status.conditions.as_ref()?.iter().any(|c| c.type_ == "Ready" && c.status == "True");
-    ready.then(|| status.pod_ip.clone()).flatten()
-}
 
 /// The pod's cgroup v1 freezer directory (this machine), or its v2 directory.
 fn freezer_dir(uid: &str) -> Option<(PathBuf, bool)> {
@@ -94,51 +77,6 @@ fn set_frozen(dir: &Path, v1: bool, frozen: bool) {
     std::fs::write(dir.join(file), value).unwrap_or_else(|e| panic!("writing {file} in {}: {e}", dir.display()));
 }
 
-/// The Space's own pod template as a plain Deployment (no hangar labels: no agent or
-/// operator sees it), at 0 replicas; returns its name and the app's port.
-async fn floor_deployment(ns: &TestNamespace, space: &str) -> (String, u16) {
-    let deployments: Api<Deployment> = ns.api();
-    let source = deployments.get(&workload_name(space)).await.expect("the Space's Deployment");
-    let mut template = source.spec.template;
-    let port = template.spec.as_ref().and_then(|p| p.containers[0].ports.as_ref()?.first()).map(|p| p.container_port);
-    let port = port.and_then(|p| u16::try_from(p).ok()).expect("the app's container port");
-    let name = format!("floor-{space}");
-    let labels = json!({FLOOR_LABEL: name});
-    template.metadata = Some(serde_json::from_value(json!({"labels": labels})).expect("labels"));
-    let floor: Deployment = serde_json::from_value(json!({
-        "apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": name},
-        "spec": {"replicas": 0, "selector": {"matchLabels": labels}, "template": template},
-    }))
-    .expect("floor deployment");
-    deployments.create(&PostParams::default(), &floor).await.expect("create floor deployment");
-    (name, port)
-}
-
-async fn scale(ns: &TestNamespace, deployment: &str, replicas: i32) {
-    let api: Api<Deployment> = ns.api();
-    let patch = json!({"spec": {"replicas": replicas}});
-    api.patch(deployment, &PatchParams::default(), &Patch::Merge(&patch)).await.expect("scale");
-}
-
-/// Polls the floor's pod IP until HTTP 200; returns the pod.
-async fn floor_answering(ns: &TestNamespace, deployment: &str, port: u16) -> Pod {
-    let selector = format!("{FLOOR_LABEL}={deployment}");
-    let http = client();
-    wait_for("the floor pod answering", Duration::from_secs(180), || async {
-        for pod in pods(ns, &selector).await {
-            if let Some(ip) = ready_ip(&pod)
-                && let Ok(r) = http.get(format!("http://{ip}:{port}/")).send().await
-                && r.status() == 200
-            {
-                return Ok(Some(pod));
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-        Ok(None)
-    })
-    .await
-}
-
 /// Until the floor has no pod but terminating ones (a loaded kubelet can take minutes
 /// to finish those; they do not change what the next scale-up measures).
 async fn floor_gone(ns: &TestNamespace, deployment: &str) {
@@ -173,7 +111,7 @@ async fn floor_thaw_sample(pod: &Pod, port: u16) -> Duration {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let http = client();
+    let http = support::held_client();
     let start = Instant::now();
     set_frozen(&dir, v1, false);
     let response = http.get(format!("http://{ip}:{port}/")).send().await.expect("floor request");
@@ -188,7 +126,7 @@ async fn space_status(spaces: &Api<Space>, name: &str) -> hangar::space::SpaceSt
 
 async fn through_proxy(ns: &TestNamespace, proxy: &str, space: &str) -> Duration {
     let start = Instant::now();
-    let response = client()
+    let response = support::held_client()
         .get(format!("http://{proxy}/"))
         .header("host", format!("{}-{space}.{DOMAIN}", ns.name))
         .header("accept", "*/*")
@@ -243,6 +181,11 @@ fn summary(samples: &[Duration]) -> String {
 
 #[tokio::main]
 async fn main() {
+    // `cargo test --all-targets` runs bench targets too; only `cargo bench` passes `--bench`.
+    if !std::env::args().any(|a| a == "--bench") {
+        println!("freeze wake benchmark: run with `cargo bench --bench freeze_wake` against the test bed");
+        return;
+    }
     let samples: usize = std::env::var("HANGAR_BENCH_SAMPLES").ok().and_then(|v| v.parse().ok()).unwrap_or(5);
     let ns = TestNamespace::new("freeze-bench", &["kubelet", "containerd"]).await;
     run_ok(ns.env.kubectl().args(["apply", "--server-side", "--force-conflicts", "-f"]).arg(repo_root().join("crds")));

@@ -157,12 +157,6 @@ fn start_hangar(ns: &TestNamespace, dir: &Path) -> Hangar {
     }
 }
 
-/// HTTP client for loopback and pod IPs (never a proxy), with a generous timeout: a
-/// request to a sleeping Space is held while it wakes.
-fn client() -> reqwest::Client {
-    reqwest::Client::builder().no_proxy().timeout(Duration::from_secs(120)).build().expect("reqwest client")
-}
-
 /// What the Python client saw: `/greet`'s answer and `/count`'s values with arrival times.
 #[derive(serde::Deserialize, Debug)]
 struct ClientRun {
@@ -227,7 +221,7 @@ async fn wait_asleep(ns: &TestNamespace, spaces: &Api<Space>, name: &str) {
 
 /// Sum of the proxy's `wakes` counter for one Space (all label sets, e.g. tiers).
 async fn proxy_wakes(h: &Hangar, ns: &str, name: &str) -> u64 {
-    let text = client()
+    let text = support::held_client()
         .get(format!("http://{}/metrics", h.proxy_admin))
         .send()
         .await
@@ -250,7 +244,7 @@ async fn deployment_generation(ns: &TestNamespace, name: &str) -> i64 {
 
 /// A request through the proxy by host route.
 fn via_host(h: &Hangar, ns: &str, name: &str, path: &str) -> reqwest::RequestBuilder {
-    client().get(format!("http://{}{path}", h.proxy_addr)).header("host", format!("{ns}-{name}.{DOMAIN}"))
+    support::held_client().get(format!("http://{}{path}", h.proxy_addr)).header("host", format!("{ns}-{name}.{DOMAIN}"))
 }
 
 /// One hub webhook delivery (payload version 3) for a push to main.
@@ -277,7 +271,7 @@ fn steady_client(
     let url = format!("http://{}/config", h.proxy_addr);
     let host = format!("{ns}-{name}.{DOMAIN}");
     let task = tokio::spawn(async move {
-        let http = client();
+        let http = support::held_client();
         let mut failures = Vec::new();
         while !stop.load(Ordering::Relaxed) {
             let outcome = http.get(&url).header("host", &host).timeout(Duration::from_secs(30)).send().await;
@@ -358,7 +352,7 @@ async fn a_gradio_space_lives_its_whole_life_in_the_cluster() {
     publish(&work, &remotes.join("gradio-hello.git"));
     let stop = Arc::new(AtomicBool::new(false));
     let (sent, steady) = steady_client(&h, &n, "hello", stop.clone());
-    let posted = client()
+    let posted = support::held_client()
         .post(&h.webhook_url)
         .header("X-Webhook-Secret", WEBHOOK_SECRET)
         .json(&delivery(&n, "hello", &first, &second))
@@ -512,7 +506,7 @@ async fn a_gradio_space_lives_its_whole_life_in_the_cluster() {
     // 7. Deleting the Space removes its workload, Service and Lease, and the operator's
     // records of its builds (the build log); the proxy says 404.
     let build_log = format!("http://{}/api/spaces/{n}/hello/logs/build", h.operator_http);
-    let kept = client().get(&build_log).timeout(Duration::from_secs(10)).send().await.expect("build log");
+    let kept = support::held_client().get(&build_log).timeout(Duration::from_secs(10)).send().await.expect("build log");
     assert_eq!(kept.status().as_u16(), 200, "the build log is kept while the Space lives");
     drop(kept);
     run_ok(ns.kubectl().args(["delete", "space", "hello", "--wait=true", "--timeout=60s"]));
@@ -534,7 +528,7 @@ async fn a_gradio_space_lives_its_whole_life_in_the_cluster() {
     .await;
     assert_eq!(gone, 404);
     wait_for("the operator forgetting hello's builds", Duration::from_secs(30), || async {
-        let status = client().get(&build_log).send().await?.status().as_u16();
+        let status = support::held_client().get(&build_log).send().await?.status().as_u16();
         Ok((status == 404).then_some(()))
     })
     .await;

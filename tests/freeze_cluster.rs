@@ -44,10 +44,6 @@ struct Bed {
     marker: String,
 }
 
-fn client() -> reqwest::Client {
-    reqwest::Client::builder().no_proxy().timeout(Duration::from_secs(120)).build().expect("reqwest client")
-}
-
 async fn setup(prefix: &str) -> Bed {
     let ns = TestNamespace::new(
         prefix,
@@ -134,7 +130,7 @@ impl Bed {
     }
 
     async fn wait_running(&self, name: &str) {
-        let client = client();
+        let client = support::held_client();
         let url = self.url(name);
         wait_for(&format!("{name} to serve through the proxy"), Duration::from_secs(240), || async {
             let stage = self.space(name).await.status.and_then(|s| s.stage);
@@ -162,7 +158,14 @@ impl Bed {
     }
 
     async fn metrics(&self, addr: &str) -> String {
-        client().get(format!("http://{addr}/metrics")).send().await.expect("metrics").text().await.expect("text")
+        support::held_client()
+            .get(format!("http://{addr}/metrics"))
+            .send()
+            .await
+            .expect("metrics")
+            .text()
+            .await
+            .expect("text")
     }
 
     /// `hangar_node_agent_thaws_total`, by the proxy's request or by a withdrawn decision.
@@ -211,7 +214,7 @@ fn restarts(pod: &Pod) -> i32 {
 
 async fn get_ok(url: &str) -> (u16, String, Duration) {
     let started = Instant::now();
-    let r = client().get(url).send().await.unwrap_or_else(|e| panic!("GET {url}: {e}"));
+    let r = support::held_client().get(url).send().await.unwrap_or_else(|e| panic!("GET {url}: {e}"));
     let status = r.status().as_u16();
     (status, r.text().await.unwrap_or_default(), started.elapsed())
 }
@@ -286,7 +289,12 @@ async fn idle_space_freezes_and_fifty_requests_thaw_it_once_and_restarts_converg
     bed.proxy.restart();
     let admin = bed.proxy_admin.clone();
     wait_for("the restarted proxy", Duration::from_secs(30), || async {
-        Ok(client().get(format!("http://{admin}/healthz")).send().await.ok().filter(|r| r.status() == 200))
+        Ok(support::held_client()
+            .get(format!("http://{admin}/healthz"))
+            .send()
+            .await
+            .ok()
+            .filter(|r| r.status() == 200))
     })
     .await;
     let held = tokio::spawn({

@@ -11,6 +11,7 @@
 //! relevant component logs (in `$HANGAR_TESTENV_STATE/logs`) are printed.
 #![allow(dead_code)]
 
+pub mod floor;
 pub mod operator;
 pub mod process;
 pub mod repo;
@@ -223,6 +224,12 @@ where
 /// An HTTP client for pod IPs and loopback ports: never goes through a proxy.
 pub fn http_client() -> reqwest::Client {
     reqwest::Client::builder().no_proxy().timeout(Duration::from_secs(3)).build().expect("building a reqwest client")
+}
+
+/// An HTTP client for requests that a Space may hold while it wakes: never goes
+/// through a proxy, and waits up to 120 s.
+pub fn held_client() -> reqwest::Client {
+    reqwest::Client::builder().no_proxy().timeout(Duration::from_secs(120)).build().expect("building a reqwest client")
 }
 
 /// GET `url`; `Ok((status, body))`.
