@@ -25,7 +25,7 @@ use kube::api::{Patch, PatchParams, PostParams};
 use serde_json::json;
 use support::floor::{FLOOR_LABEL, floor_answering, floor_deployment, pods, scale};
 use support::process::{Component, args};
-use support::repo::{bare_clone, copy_dir, git, serve_dumb_http};
+use support::repo::serve_examples;
 use support::space::stage_of;
 use support::{TestNamespace, repo_root, run_ok, wait_for};
 
@@ -110,17 +110,10 @@ async fn main() {
     );
 
     // The examples, from a git remote on loopback, built by the operator.
-    let remotes = dir.path().join("remotes");
-    let base = serve_dumb_http(remotes.clone(), None).await;
     let spaces: Api<Space> = ns.api();
     let examples = ["static-site", "gradio-hello"];
+    let base = serve_examples(dir.path(), &examples).await;
     for example in examples {
-        let work = dir.path().join(example);
-        copy_dir(&repo_root().join("examples/spaces").join(example), &work);
-        git(&work, &["init", "-q", "-b", "main"]);
-        git(&work, &["add", "-A"]);
-        git(&work, &["-c", "user.name=b", "-c", "user.email=b@example.com", "commit", "-q", "-m", example]);
-        bare_clone(&work, &remotes.join(format!("{example}.git")));
         let space: Space = serde_json::from_value(json!({
             "apiVersion": "hangar.dev/v1alpha1", "kind": "Space", "metadata": {"name": example},
             "spec": {"source": {"git": format!("{base}/{example}.git")}, "hardware": "cpu-basic", "sleepAfter": "1h"},

@@ -310,7 +310,7 @@ async fn a_gradio_space_lives_its_whole_life_in_the_cluster() {
     std::fs::write(work.join("app.py"), format!("# e2e run {n}\n{app}")).expect("write app.py");
     git(&work, &["init", "-q", "-b", "main"]);
     git(&work, &["add", "-A"]);
-    git(&work, &["-c", "user.name=t", "-c", "user.email=t@example.com", "commit", "-q", "-m", "gradio-hello"]);
+    git(&work, &["commit", "-q", "-m", "gradio-hello"]);
     let first = git(&work, &["rev-parse", "HEAD"]);
     let remotes = dir.path().join("remotes");
     bare_clone(&work, &remotes.join("gradio-hello.git"));

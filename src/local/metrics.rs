@@ -46,12 +46,7 @@ impl LocalMetrics {
 
     /// The OpenMetrics text exposition.
     pub fn encode(&self) -> String {
-        let mut out = String::new();
-        // Writing into a String cannot fail; an encoder error would be a bug in a label.
-        if let Err(e) = prometheus_client::encoding::text::encode(&mut out, &self.registry) {
-            tracing::error!(error = %e, "encoding metrics failed");
-        }
-        out
+        crate::telemetry::encode_metrics(&self.registry)
     }
 }
 

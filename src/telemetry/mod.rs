@@ -1,4 +1,4 @@
-//! Logging setup: `tracing` with human or JSON output.
+//! Logging setup (`tracing`, human or JSON output) and the Prometheus text exposition.
 
 use tracing_subscriber::EnvFilter;
 
@@ -19,4 +19,14 @@ pub fn init(format: LogFormat, default_level: &str) {
         LogFormat::Text => builder.try_init(),
         LogFormat::Json => builder.json().try_init(),
     };
+}
+
+/// The OpenMetrics text exposition of `registry`.
+pub fn encode_metrics(registry: &prometheus_client::registry::Registry) -> String {
+    let mut out = String::new();
+    // Writing into a String cannot fail; an encoder error would be a bug in a label.
+    if let Err(e) = prometheus_client::encoding::text::encode(&mut out, registry) {
+        tracing::error!(error = %e, "encoding metrics failed");
+    }
+    out
 }

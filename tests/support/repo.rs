@@ -112,3 +112,18 @@ pub async fn serve_dumb_http(root: std::path::PathBuf, user_pass: Option<&'stati
     tokio::spawn(async move { axum::serve(listener, app).await });
     url
 }
+
+/// The example Spaces `names` (examples/spaces), each committed into a git repository under
+/// `dir` and served over dumb HTTP on loopback; returns the base URL (`{base}/{name}.git`).
+pub async fn serve_examples(dir: &Path, names: &[&str]) -> String {
+    let remotes = dir.join("remotes");
+    for name in names {
+        let work = dir.join(name);
+        copy_dir(&super::repo_root().join("examples/spaces").join(name), &work);
+        git(&work, &["init", "-q", "-b", "main"]);
+        git(&work, &["add", "-A"]);
+        git(&work, &["commit", "-q", "-m", name]);
+        bare_clone(&work, &remotes.join(format!("{name}.git")));
+    }
+    serve_dumb_http(remotes, None).await
+}
