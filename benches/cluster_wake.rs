@@ -27,7 +27,7 @@ use support::floor::{FLOOR_LABEL, floor_answering, floor_deployment, pods, scale
 use support::process::{Component, args};
 use support::repo::serve_examples;
 use support::space::stage_of;
-use support::{TestNamespace, repo_root, run_ok, wait_for};
+use support::{TestNamespace, wait_for};
 
 const DOMAIN: &str = "hf.test";
 const MAPPING: &str =
@@ -84,8 +84,7 @@ async fn main() {
     }
     let samples: usize = std::env::var("HANGAR_BENCH_SAMPLES").ok().and_then(|v| v.parse().ok()).unwrap_or(5);
     let ns = TestNamespace::new("wake-bench", &["kubelet", "containerd"]).await;
-    run_ok(ns.env.kubectl().args(["apply", "--server-side", "--force-conflicts", "-f"]).arg(repo_root().join("crds")));
-    run_ok(ns.env.kubectl().args(["wait", "--for=condition=Established", "crd/spaces.hangar.dev", "--timeout=30s"]));
+    ns.install_crd().await;
     let dir = tempfile::tempdir().expect("tempdir");
     let builder = support::operator::builder_args(&ns.env);
     let builder: Vec<&str> = builder.iter().map(String::as_str).collect();

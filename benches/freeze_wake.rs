@@ -32,7 +32,7 @@ use serde_json::json;
 use support::floor::{FLOOR_LABEL, floor_answering, floor_deployment, pods, scale};
 use support::process::{Component, args};
 use support::repo::serve_examples;
-use support::{TestNamespace, repo_root, run_ok, wait_for};
+use support::{TestNamespace, wait_for};
 
 const DOMAIN: &str = "hf.test";
 const MAPPING: &str =
@@ -188,25 +188,12 @@ async fn main() {
     }
     let samples: usize = std::env::var("HANGAR_BENCH_SAMPLES").ok().and_then(|v| v.parse().ok()).unwrap_or(5);
     let ns = TestNamespace::new("freeze-bench", &["kubelet", "containerd"]).await;
-    run_ok(ns.env.kubectl().args(["apply", "--server-side", "--force-conflicts", "-f"]).arg(repo_root().join("crds")));
-    run_ok(ns.env.kubectl().args(["wait", "--for=condition=Established", "crd/spaces.hangar.dev", "--timeout=30s"]));
+    ns.install_crd().await;
     let dir = tempfile::tempdir().expect("tempdir");
     let token_file = dir.path().join("token");
     std::fs::write(&token_file, TOKEN).expect("token");
-    let ca = std::env::var("HANGAR_EXTRA_CA_FILE").unwrap_or_default();
-    let mut builder = vec![
-        "--registry",
-        &ns.env.registry,
-        "--python-image",
-        &ns.env.python_image,
-        "--static-image",
-        &ns.env.static_image,
-        "--docker-host",
-        &ns.env.docker_host,
-    ];
-    if !ca.is_empty() {
-        builder.extend(["--extra-ca-file", &ca]);
-    }
+    let builder = support::operator::builder_args(&ns.env);
+    let builder: Vec<&str> = builder.iter().map(String::as_str).collect();
     let _operator = support::operator::Operator::start(&ns, MAPPING, &builder);
     let env = [("KUBECONFIG", OsString::from(&ns.env.kubeconfig))];
     let proxy_addr = format!("127.0.0.1:{}", support::operator::free_port());

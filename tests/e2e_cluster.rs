@@ -295,8 +295,7 @@ fn steady_client(
 async fn a_gradio_space_lives_its_whole_life_in_the_cluster() {
     let ns = TestNamespace::new("e2e", &["kubelet", "containerd", "kube-controller-manager", "kube-scheduler"]).await;
     let n = ns.name.clone();
-    run_ok(ns.env.kubectl().args(["apply", "--server-side", "--force-conflicts", "-f"]).arg(repo_root().join("crds")));
-    run_ok(ns.env.kubectl().args(["wait", "--for=condition=Established", "crd/spaces.hangar.dev", "--timeout=30s"]));
+    ns.install_crd().await;
     let dir = tempfile::tempdir().expect("tempdir");
     let mut h = start_hangar(&ns, dir.path());
     let spaces: Api<Space> = ns.api();

@@ -20,7 +20,7 @@ use kube::api::{ListParams, PostParams};
 use serde_json::json;
 use support::operator::free_port;
 use support::process::{Component, args};
-use support::{TestNamespace, repo_root, run_ok, wait_for};
+use support::{TestNamespace, run_ok, wait_for};
 
 const DOMAIN: &str = "hf.test";
 const TOKEN: &str = "freeze-test-agent-token";
@@ -54,8 +54,7 @@ async fn setup(prefix: &str) -> Bed {
         Path::new("/sys/fs/cgroup/freezer").is_dir() || Path::new("/sys/fs/cgroup/cgroup.controllers").is_file(),
         "the frozen tier needs a cgroup v1 freezer or a cgroup v2 root at /sys/fs/cgroup"
     );
-    run_ok(ns.env.kubectl().args(["apply", "--server-side", "--force-conflicts", "-f"]).arg(repo_root().join("crds")));
-    run_ok(ns.env.kubectl().args(["wait", "--for=condition=Established", "crd/spaces.hangar.dev", "--timeout=30s"]));
+    ns.install_crd().await;
     let marker = support::unique_name("frozen-app");
     let image = format!("{}/hangar-test/freeze:{}", ns.env.registry, ns.name);
     support::build_python_app(&ns.env, &image, &marker);

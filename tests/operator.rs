@@ -15,7 +15,7 @@ use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::{Api, ResourceExt};
 use serde_json::json;
 use support::operator::Operator;
-use support::{TestNamespace, run_ok, wait_for};
+use support::{TestNamespace, wait_for};
 
 /// Test mapping: tiny requests so every flavor fits the simulated nodes, and
 /// CPU flavors on the kwok CPU nodes (the real node is for the end-to-end tier).
@@ -30,8 +30,7 @@ flavors:
 
 async fn setup(prefix: &str) -> (TestNamespace, Operator) {
     let ns = TestNamespace::new(prefix, &["kube-scheduler", "kube-controller-manager", "kwok"]).await;
-    run_ok(ns.env.kubectl().arg("apply").arg("-f").arg(support::repo_root().join("crds")));
-    run_ok(ns.env.kubectl().args(["wait", "--for=condition=Established", "crd/spaces.hangar.dev", "--timeout=30s"]));
+    ns.install_crd().await;
     let operator = Operator::start(&ns, MAPPING, &[]);
     (ns, operator)
 }

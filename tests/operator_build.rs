@@ -16,7 +16,7 @@ use serde_json::json;
 use support::operator::Operator;
 use support::repo::{commit_file, fixture_repo};
 use support::space::{stage_of, wait_stage};
-use support::{TestNamespace, http_client, http_get, run_ok, wait_for};
+use support::{TestNamespace, http_client, http_get, wait_for};
 
 /// CPU Spaces on the real node, which pulls from the test registry.
 const MAPPING: &str = "\
@@ -28,8 +28,7 @@ flavors:
 
 async fn setup(prefix: &str) -> (TestNamespace, Operator) {
     let ns = TestNamespace::new(prefix, &["kubelet", "containerd", "kube-controller-manager"]).await;
-    run_ok(ns.env.kubectl().arg("apply").arg("-f").arg(support::repo_root().join("crds")));
-    run_ok(ns.env.kubectl().args(["wait", "--for=condition=Established", "crd/spaces.hangar.dev", "--timeout=30s"]));
+    ns.install_crd().await;
     let builder = support::operator::builder_args(&ns.env);
     let args: Vec<&str> = builder.iter().map(String::as_str).collect();
     let operator = Operator::start(&ns, MAPPING, &args);

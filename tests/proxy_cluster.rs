@@ -23,20 +23,9 @@ use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 use proxy_support::{DOMAIN, Upstream, client};
 use serde_json::json;
-use support::{TestNamespace, repo_root, run, run_ok, wait_for};
+use support::{TestNamespace, wait_for};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
-
-async fn install_crd(ns: &TestNamespace) {
-    run_ok(ns.env.kubectl().args(["apply", "--server-side", "--force-conflicts", "-f"]).arg(repo_root().join("crds")));
-    // `kubectl wait` fails outright while a fresh CRD has no conditions yet.
-    let jsonpath = r#"jsonpath={.status.conditions[?(@.type=="Established")].status}"#;
-    wait_for("the Space CRD to be established", Duration::from_secs(30), || async {
-        let out = run(ns.env.kubectl().args(["get", "crd", "spaces.hangar.dev", "-o", jsonpath]))?;
-        Ok((out.trim() == "True").then_some(()))
-    })
-    .await;
-}
 
 /// TEST-NET-1: what the slices say; mapped to 127.0.0.1 before the proxy sees it.
 const STAND_IN_IP: &str = "192.0.2.10";
@@ -119,7 +108,7 @@ async fn set_ready(slices: &Api<EndpointSlice>, space: &str, port: u16, ready: b
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kubernetes_source_routes_wakes_through_the_lease_and_checks_tokens() {
     let ns = TestNamespace::new("proxy", &["kube-apiserver"]).await;
-    install_crd(&ns).await;
+    ns.install_crd().await;
     let up = Upstream::start("from-cluster").await;
     let port = up.addr.port();
     let spaces: Api<Space> = ns.api();

@@ -9,7 +9,7 @@ use hangar::space::naming::HEAD_SHA_ANNOTATION;
 use hangar::webhook::{KubeSpaces, router};
 use kube::api::{Api, PostParams};
 use serde_json::json;
-use support::{TestNamespace, repo_root, run_ok};
+use support::TestNamespace;
 
 const SECRET: &str = "cluster-tier-secret";
 
@@ -32,8 +32,7 @@ async fn head(api: &Api<Space>, name: &str) -> Option<String> {
 #[tokio::test]
 async fn a_delivery_moves_the_space_to_the_new_sha_and_nothing_else_does() {
     let ns = TestNamespace::new("webhook", &["kube-apiserver"]).await;
-    run_ok(ns.env.kubectl().args(["apply", "-f"]).arg(repo_root().join("crds")));
-    run_ok(ns.env.kubectl().args(["wait", "--for=condition=Established", "crd/spaces.hangar.dev", "--timeout=30s"]));
+    ns.install_crd().await;
     let api: Api<Space> = ns.api();
     let space: Space = serde_json::from_value(json!({
         "apiVersion": "hangar.dev/v1alpha1", "kind": "Space",

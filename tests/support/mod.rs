@@ -305,6 +305,24 @@ impl TestNamespace {
         Api::namespaced(self.client.clone(), &self.name)
     }
 
+    /// Applies `crds/` (server-side: concurrent tests may apply it at once) and waits
+    /// until the Space CRD is Established.
+    pub async fn install_crd(&self) {
+        run_ok(
+            self.env
+                .kubectl()
+                .args(["apply", "--server-side", "--force-conflicts", "-f"])
+                .arg(repo_root().join("crds")),
+        );
+        // `kubectl wait` fails outright while a fresh CRD has no conditions yet.
+        let jsonpath = r#"jsonpath={.status.conditions[?(@.type=="Established")].status}"#;
+        wait_for("the Space CRD to be established", Duration::from_secs(30), || async {
+            let out = run(self.env.kubectl().args(["get", "crd", "spaces.hangar.dev", "-o", jsonpath]))?;
+            Ok((out.trim() == "True").then_some(()))
+        })
+        .await;
+    }
+
     /// `kubectl` in this namespace.
     pub fn kubectl(&self) -> Command {
         let mut c = self.env.kubectl();
