@@ -17,7 +17,7 @@ use hyper::body::Incoming;
 use hyper::client::conn::http1;
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
-use tokio::net::TcpSocket;
+use tokio::net::{TcpSocket, TcpStream};
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// Every response body the proxy sends: upstream streams and its own pages.
@@ -26,7 +26,7 @@ pub type ProxyBody = UnsyncBoxBody<Bytes, BoxError>;
 /// How long an idle pooled upstream connection is kept. Below the usual app
 /// servers' keep-alive (uvicorn: 5 s) so the pool rarely picks a connection
 /// the app is closing.
-const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(4);
+pub(super) const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(4);
 
 /// Idle time before TCP keep-alive probes on upstream connections (and between them).
 const TCP_KEEPALIVE: Duration = Duration::from_secs(30);
@@ -393,23 +393,7 @@ impl Forwarder {
 
     /// A new connection to `upstream`, driven by a task on this worker.
     async fn connect(&self, upstream: SocketAddr) -> Result<Sender, ForwardError> {
-        let refused = |e: &dyn std::fmt::Display| ForwardError::Connect { upstream, reason: e.to_string() };
-        let socket = if upstream.is_ipv4() { TcpSocket::new_v4() } else { TcpSocket::new_v6() };
-        let socket = socket.map_err(|e| refused(&e))?;
-        let stream = match tokio::time::timeout(self.connect_timeout, socket.connect(upstream)).await {
-            Err(_) => return Err(refused(&format!("no answer within {:?}", self.connect_timeout))),
-            Ok(Err(e)) => return Err(refused(&e)),
-            Ok(Ok(stream)) => stream,
-        };
-        // Small writes (SSE events, WebSocket frames) must leave at once; a
-        // vanished peer of a quiet stream is noticed within a minute or so.
-        if let Err(e) = stream.set_nodelay(true) {
-            tracing::debug!(%upstream, error = %e, "set_nodelay failed");
-        }
-        let keepalive = socket2::TcpKeepalive::new().with_time(TCP_KEEPALIVE).with_interval(TCP_KEEPALIVE);
-        if let Err(e) = socket2::SockRef::from(&stream).set_tcp_keepalive(&keepalive) {
-            tracing::debug!(%upstream, error = %e, "setting TCP keep-alive failed");
-        }
+        let stream = connect_tcp(upstream, self.connect_timeout).await?;
         let (sender, conn) = http1::Builder::new()
             .handshake(TokioIo::new(stream))
             .await
@@ -421,6 +405,29 @@ impl Forwarder {
         });
         Ok(sender)
     }
+}
+
+/// A TCP connection to an upstream, within `connect_timeout`, set up as every
+/// upstream connection is (this client's and the HTTP/1.1 fast path's).
+pub(super) async fn connect_tcp(upstream: SocketAddr, connect_timeout: Duration) -> Result<TcpStream, ForwardError> {
+    let refused = |e: &dyn std::fmt::Display| ForwardError::Connect { upstream, reason: e.to_string() };
+    let socket = if upstream.is_ipv4() { TcpSocket::new_v4() } else { TcpSocket::new_v6() };
+    let socket = socket.map_err(|e| refused(&e))?;
+    let stream = match tokio::time::timeout(connect_timeout, socket.connect(upstream)).await {
+        Err(_) => return Err(refused(&format!("no answer within {connect_timeout:?}"))),
+        Ok(Err(e)) => return Err(refused(&e)),
+        Ok(Ok(stream)) => stream,
+    };
+    // Small writes (SSE events, WebSocket frames) must leave at once; a
+    // vanished peer of a quiet stream is noticed within a minute or so.
+    if let Err(e) = stream.set_nodelay(true) {
+        tracing::debug!(%upstream, error = %e, "set_nodelay failed");
+    }
+    let keepalive = socket2::TcpKeepalive::new().with_time(TCP_KEEPALIVE).with_interval(TCP_KEEPALIVE);
+    if let Err(e) = socket2::SockRef::from(&stream).set_tcp_keepalive(&keepalive) {
+        tracing::debug!(%upstream, error = %e, "setting TCP keep-alive failed");
+    }
+    Ok(stream)
 }
 
 /// One exchange on a connection: its response head, and the connection for reuse.

@@ -2,6 +2,7 @@
 //!
 //! - [`route`]: the route table and matching (pure)
 //! - [`forward`]: the upstream client, header rewriting, WebSocket splicing
+//! - `h1_forward`: the HTTP/1.1 fast path (plain requests to running public Spaces), `rewind`: its hand-off to hyper
 //! - [`activity`]: throttled activity records
 //! - [`wake`]: one wake per sleeping Space, held requests; [`thaw`]: node agents thaw frozen ones
 //! - [`auth`]: private Spaces' bearer tokens
@@ -13,9 +14,11 @@ pub mod activity;
 pub mod auth;
 pub mod cli;
 pub mod forward;
+mod h1_forward;
 pub mod kubernetes;
 pub mod loading;
 pub mod metrics;
+mod rewind;
 pub mod route;
 pub mod server;
 pub mod source;

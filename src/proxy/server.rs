@@ -26,8 +26,10 @@ use tokio_util::task::{AbortOnDropHandle, TaskTracker};
 
 use super::activity::{Activity, SpaceActivity};
 use super::forward::{self, ForwardError, Forwarded, Forwarder, Outgoing, ProxyBody, full_body, stream_body};
+use super::h1_forward::{self, Served};
 use super::loading;
 use super::metrics::{Metrics, SpaceMetrics};
+use super::rewind::Rewind;
 use super::route::{Access, Disposition, Match, Resolution, RouteTable, SpaceKey, SpaceRoute};
 use super::source::RouteSource;
 use super::wake::{self, WaitOutcome, Wakes};
@@ -72,14 +74,17 @@ impl Default for ProxyConfig {
     }
 }
 
+/// Idle client keep-alive connections and slow request heads are closed after this.
+pub(super) const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// What the workers share.
-struct Inner {
-    config: ProxyConfig,
+pub(super) struct Inner {
+    pub(super) config: ProxyConfig,
     routes: watch::Receiver<Arc<RouteTable>>,
-    activity: Arc<Activity>,
+    pub(super) activity: Arc<Activity>,
     wakes: Arc<Wakes>,
-    metrics: Arc<Metrics>,
-    next_endpoint: AtomicUsize,
+    pub(super) metrics: Arc<Metrics>,
+    pub(super) next_endpoint: AtomicUsize,
     tunnels: TaskTracker,
     /// Cancelled when the drain period is over: closes what is still open.
     hard_stop: CancellationToken,
@@ -90,9 +95,11 @@ struct Inner {
 
 /// One worker's state: its own upstream pool and per-Space handles, so a
 /// request and its upstream connection stay on one thread.
-struct Worker {
+pub(super) struct Worker {
     inner: Arc<Inner>,
     forwarder: Forwarder,
+    /// The HTTP/1.1 fast path's raw upstream connections.
+    h1_pool: Arc<h1_forward::Pool>,
     /// This worker's copy of the route table, with `Arc`s of its own: the hot
     /// path touches no reference count another thread touches too.
     routes: Mutex<LocalRoutes>,
@@ -105,9 +112,9 @@ struct LocalRoutes {
 }
 
 /// A Space's metrics and activity state, looked up once per worker.
-struct SpaceHandles {
-    metrics: Arc<SpaceMetrics>,
-    activity: Arc<SpaceActivity>,
+pub(super) struct SpaceHandles {
+    pub(super) metrics: Arc<SpaceMetrics>,
+    pub(super) activity: Arc<SpaceActivity>,
 }
 
 /// A running proxy: its bound addresses and a way to stop it.
@@ -264,8 +271,10 @@ async fn serve_listener(worker: Worker, listener: TcpListener, is_admin: bool, s
     let worker = Arc::new(worker);
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder.http1().timer(TokioTimer::new()).header_read_timeout(Duration::from_secs(30));
+    builder.http1().timer(TokioTimer::new()).header_read_timeout(HEADER_READ_TIMEOUT);
     let builder = Arc::new(builder);
+    // This worker's own: its connections wait on it between requests without touching the others'.
+    let between_requests = shutdown.child_token();
     loop {
         let (stream, peer) = tokio::select! {
             () = shutdown.cancelled() => break,
@@ -280,10 +289,22 @@ async fn serve_listener(worker: Worker, listener: TcpListener, is_admin: bool, s
         }
         let worker = Arc::clone(&worker);
         let builder = Arc::clone(&builder);
+        // Held by the task until the connection ends, fast path included: the drain waits for it.
         let watcher = graceful.watcher();
+        let between_requests = between_requests.clone();
         tokio::spawn(async move {
             // Computed once per connection, not per request.
             let client_ip = forward::client_ip(peer);
+            // Plain HTTP/1.1 to running public Spaces first; hyper gets the rest,
+            // the bytes the fast path read replayed.
+            let (stream, replay) = if is_admin {
+                (stream, Vec::new())
+            } else {
+                match h1_forward::serve(&worker, stream, &client_ip, &between_requests).await {
+                    Served::Closed => return,
+                    Served::HandOff(stream, replay) => (stream, replay),
+                }
+            };
             let service = service_fn(move |req| {
                 let worker = Arc::clone(&worker);
                 let client_ip = client_ip.clone();
@@ -295,7 +316,7 @@ async fn serve_listener(worker: Worker, listener: TcpListener, is_admin: bool, s
                     })
                 }
             });
-            let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
+            let conn = builder.serve_connection_with_upgrades(TokioIo::new(Rewind::new(stream, replay)), service);
             if let Err(e) = watcher.watch(conn).await {
                 tracing::debug!(%peer, error = %e, "connection ended with an error");
             }
@@ -356,11 +377,20 @@ impl Worker {
         let mut source = inner.routes.clone();
         let table = local_copy(&source.borrow_and_update());
         let routes = Mutex::new(LocalRoutes { source, table });
-        Self { inner, forwarder, routes, spaces: Mutex::new(HashMap::new()) }
+        let h1_pool = h1_forward::Pool::new();
+        Self { inner, forwarder, h1_pool, routes, spaces: Mutex::new(HashMap::new()) }
+    }
+
+    pub(super) fn inner(&self) -> &Inner {
+        &self.inner
+    }
+
+    pub(super) fn h1_pool(&self) -> &h1_forward::Pool {
+        &self.h1_pool
     }
 
     /// The current route table (this worker's copy, refreshed when the source changed it).
-    fn table(&self) -> Arc<RouteTable> {
+    pub(super) fn table(&self) -> Arc<RouteTable> {
         let mut local = self.routes.lock().unwrap_or_else(PoisonError::into_inner);
         // A version check: no lock on the shared channel unless something changed.
         if local.source.has_changed().unwrap_or(false) {
@@ -371,7 +401,7 @@ impl Worker {
     }
 
     /// The Space's handles, from this worker's cache.
-    fn space(&self, key: &SpaceKey) -> Arc<SpaceHandles> {
+    pub(super) fn space(&self, key: &SpaceKey) -> Arc<SpaceHandles> {
         let mut spaces = self.spaces.lock().unwrap_or_else(PoisonError::into_inner);
         if let Some(h) = spaces.get(key) {
             return Arc::clone(h);
@@ -595,12 +625,18 @@ impl Worker {
             Err(e) => {
                 inner.metrics.upstream_error(key);
                 tracing::warn!(space = %key, error = %e, "upstream failed");
-                let (status, what) = match &e {
-                    ForwardError::Timeout { .. } => (StatusCode::GATEWAY_TIMEOUT, "504 Gateway Timeout"),
-                    _ => (StatusCode::BAD_GATEWAY, "502 Bad Gateway"),
-                };
-                text(status, format!("{what}: the Space {key} did not answer: {e}\n"))
+                let (status, body) = upstream_failure(key, &e);
+                text(status, body)
             }
         }
     }
+}
+
+/// The answer when an upstream gave no response: 504 when it timed out, else 502, and why.
+pub(super) fn upstream_failure(key: &SpaceKey, e: &ForwardError) -> (StatusCode, String) {
+    let (status, what) = match e {
+        ForwardError::Timeout { .. } => (StatusCode::GATEWAY_TIMEOUT, "504 Gateway Timeout"),
+        _ => (StatusCode::BAD_GATEWAY, "502 Bad Gateway"),
+    };
+    (status, format!("{what}: the Space {key} did not answer: {e}\n"))
 }
