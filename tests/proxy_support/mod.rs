@@ -204,3 +204,53 @@ pub fn client() -> reqwest::Client {
 pub fn url(p: &ProxyHandle, ns: &str, name: &str, path: &str) -> String {
     format!("http://{}/spaces/{ns}/{name}{path}", p.addr)
 }
+
+/// A loopback upstream speaking raw bytes, for what an app framework never
+/// does: HTTP/1.0 answers delimited by close, keep-alive connections closed
+/// the moment a response is out. `serve` gets each accepted connection.
+pub struct RawUpstream {
+    pub addr: SocketAddr,
+    /// Connections accepted so far.
+    pub connections: Arc<std::sync::atomic::AtomicUsize>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl RawUpstream {
+    pub async fn start<F, Fut>(serve: F) -> Self
+    where
+        F: Fn(tokio::net::TcpStream) -> Fut + Send + Sync + 'static,
+        Fut: std::future::Future<Output = ()> + Send + 'static,
+    {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("binding the raw upstream");
+        let addr = listener.local_addr().expect("raw upstream address");
+        let connections = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counted = Arc::clone(&connections);
+        let task = tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                tokio::spawn(serve(stream));
+            }
+        });
+        Self { addr, connections, task }
+    }
+}
+
+impl Drop for RawUpstream {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Reads one request head (a request without a body) from `stream`; `None` at EOF.
+pub async fn read_request_head(stream: &mut tokio::net::TcpStream) -> Option<Vec<u8>> {
+    use tokio::io::AsyncReadExt;
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        match stream.read(&mut byte).await {
+            Ok(1) => head.push(byte[0]),
+            _ => return None,
+        }
+    }
+    Some(head)
+}
