@@ -11,7 +11,9 @@
 //! far replayed, so all of that keeps running on the one tested code path.
 
 use std::collections::HashMap;
+use std::mem::MaybeUninit;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
@@ -20,6 +22,7 @@ use http::HeaderValue;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::net::tcp::{ReadHalf, WriteHalf};
+use tokio::time::Sleep;
 use tokio_util::sync::CancellationToken;
 
 use super::forward::{self, ForwardError, POOL_IDLE_TIMEOUT};
@@ -30,8 +33,8 @@ use super::server::{self, Worker};
 const MAX_REQUEST_HEAD: usize = 64 * 1024;
 /// An upstream response head larger than this is a 502.
 const MAX_RESPONSE_HEAD: usize = 64 * 1024;
-/// More headers than this: hyper's business (its limit is 100).
-const MAX_HEADERS: usize = 64;
+/// Headers per head, as hyper's limit: more is hyper's business (a request) or a 502 (a response).
+const MAX_HEADERS: usize = 100;
 /// Read size, and the buffers' initial capacity.
 const CHUNK: usize = 16 * 1024;
 /// Extensions and trailers of a chunked body, in all: bounded like hyper bounds them.
@@ -58,7 +61,7 @@ pub async fn serve(
     tokio::pin!(timer);
     loop {
         let mut armed = false;
-        let taken = loop {
+        let mut taken = loop {
             if !conn.buf.is_empty() {
                 match take(worker, &conn.buf, &mut conn.out, client_ip) {
                     Step::Take(taken) => break taken,
@@ -86,8 +89,11 @@ pub async fn serve(
                 () = shutdown.cancelled(), if idle => return Served::Closed,
             }
         };
-        let keep = forward_one(worker, &mut client, &mut conn, taken).await;
-        if !keep || shutdown.is_cancelled() {
+        // Shutting down: this request is served, with `Connection: close`. (One
+        // that starts waiting afterwards sees the cancellation above.)
+        taken.close |= shutdown.is_cancelled();
+        let keep = forward_one(worker, &mut client, &mut conn, taken, timer.as_mut()).await;
+        if !keep {
             let _ = client.shutdown().await;
             return Served::Closed;
         }
@@ -126,9 +132,9 @@ fn take(worker: &Worker, buf: &[u8], out: &mut Vec<u8>, client_ip: &HeaderValue)
         // HTTP/2 prior knowledge.
         return Step::HandOff;
     }
-    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
-    let mut req = httparse::Request::new(&mut headers);
-    let head_len = match req.parse(buf) {
+    let mut headers = uninit_headers();
+    let mut req = httparse::Request::new(&mut []);
+    let head_len = match req.parse_with_uninit_headers(buf, &mut headers) {
         Ok(httparse::Status::Complete(n)) => n,
         Ok(httparse::Status::Partial) => return Step::Partial,
         Err(_) => return Step::HandOff,
@@ -162,7 +168,14 @@ fn take(worker: &Worker, buf: &[u8], out: &mut Vec<u8>, client_ip: &HeaderValue)
 }
 
 /// Forwards one request and its response. Whether the client connection stays open.
-async fn forward_one(worker: &Worker, client: &mut TcpStream, conn: &mut Conn, taken: Taken) -> bool {
+/// `timer` (the connection's) bounds the wait for the response head.
+async fn forward_one(
+    worker: &Worker,
+    client: &mut TcpStream,
+    conn: &mut Conn,
+    taken: Taken,
+    timer: Pin<&mut Sleep>,
+) -> bool {
     let start = Instant::now();
     let inner = worker.inner();
     let route = Arc::clone(&taken.m.route);
@@ -174,14 +187,15 @@ async fn forward_one(worker: &Worker, client: &mut TcpStream, conn: &mut Conn, t
     conn.buf.drain(..body_end);
     let streamed = taken.content_length - in_buf as u64;
     let _activity = inner.activity.open_entry(Arc::clone(&space.activity));
-    let ctx = ResponseCtx {
+    let ctx = Exchange {
         is_head: taken.is_head,
         close: taken.close,
         custom_headers: &route.custom_headers,
         header_timeout: inner.config.header_timeout,
+        connect_timeout: inner.config.connect_timeout,
     };
     let pool = worker.h1_pool();
-    let exchange = exchange(pool, taken.upstream, inner.config.connect_timeout, client, conn, streamed, &ctx);
+    let exchange = exchange(pool, taken.upstream, client, conn, streamed, &ctx, timer);
     let (mut up, head) = match exchange.await {
         Ok(ok) => ok,
         Err((e, body_pending)) => {
@@ -205,6 +219,11 @@ async fn forward_one(worker: &Worker, client: &mut TcpStream, conn: &mut Conn, t
         // The upstream died mid-body or the client went away: as hyper does, end the client connection.
         Err(()) => false,
     }
+}
+
+/// Room for a head's headers, left uninitialised: httparse fills what it uses.
+fn uninit_headers<'b>() -> [MaybeUninit<httparse::Header<'b>>; MAX_HEADERS] {
+    [const { MaybeUninit::uninit() }; MAX_HEADERS]
 }
 
 /// A pooled raw upstream connection and its read buffer.
@@ -276,7 +295,9 @@ struct Head {
     body_pending: bool,
 }
 
-struct ResponseCtx<'a> {
+/// What one exchange needs to know besides the bytes.
+struct Exchange<'a> {
+    connect_timeout: Duration,
     is_head: bool,
     close: bool,
     custom_headers: &'a [(http::HeaderName, HeaderValue)],
@@ -297,11 +318,11 @@ enum Failed {
 async fn exchange(
     pool: &Pool,
     upstream: SocketAddr,
-    connect_timeout: Duration,
     client: &mut TcpStream,
     conn: &mut Conn,
     streamed: u64,
-    ctx: &ResponseCtx<'_>,
+    ctx: &Exchange<'_>,
+    mut timer: Pin<&mut Sleep>,
 ) -> Result<(Upstream, Head), (ForwardError, bool)> {
     let attempts = async {
         let mut pooled = pool.checkout(upstream);
@@ -312,7 +333,7 @@ async fn exchange(
         let reused = pooled.is_some();
         let mut up = match pooled {
             Some(up) => up,
-            None => fresh(upstream, connect_timeout).await.map_err(|e| (e, streamed > 0))?,
+            None => fresh(upstream, ctx.connect_timeout).await.map_err(|e| (e, streamed > 0))?,
         };
         match attempt(&mut up, client, conn, streamed, ctx, upstream).await {
             Ok(head) => return Ok((up, head)),
@@ -322,7 +343,7 @@ async fn exchange(
             }
             Err((Failed::Other(e), pending)) => return Err((e, pending)),
         }
-        let mut up = fresh(upstream, connect_timeout).await.map_err(|e| (e, false))?;
+        let mut up = fresh(upstream, ctx.connect_timeout).await.map_err(|e| (e, false))?;
         match attempt(&mut up, client, conn, 0, ctx, upstream).await {
             Ok(head) => Ok((up, head)),
             Err((Failed::BeforeResponse(reason), pending)) => {
@@ -331,9 +352,12 @@ async fn exchange(
             Err((Failed::Other(e), pending)) => Err((e, pending)),
         }
     };
-    match tokio::time::timeout(ctx.header_timeout, attempts).await {
-        Ok(result) => result,
-        Err(_) => Err((ForwardError::Timeout { upstream, timeout: ctx.header_timeout }, streamed > 0)),
+    // The connection's timer, not one more per request.
+    timer.as_mut().reset(tokio::time::Instant::now() + ctx.header_timeout);
+    tokio::select! {
+        biased;
+        result = attempts => result,
+        () = timer => Err((ForwardError::Timeout { upstream, timeout: ctx.header_timeout }, streamed > 0)),
     }
 }
 
@@ -354,7 +378,7 @@ async fn attempt(
     client: &mut TcpStream,
     conn: &mut Conn,
     streamed: u64,
-    ctx: &ResponseCtx<'_>,
+    ctx: &Exchange<'_>,
     upstream: SocketAddr,
 ) -> Result<Head, (Failed, bool)> {
     up.buf.clear();
@@ -422,7 +446,7 @@ async fn read_head(
     buf: &mut Vec<u8>,
     client: &mut WriteHalf<'_>,
     head: &mut Vec<u8>,
-    ctx: &ResponseCtx<'_>,
+    ctx: &Exchange<'_>,
     upstream: SocketAddr,
 ) -> Result<Head, Failed> {
     let invalid = |reason: String| Failed::Other(ForwardError::Upstream { upstream, reason });
@@ -461,10 +485,10 @@ async fn read_head(
 
 /// Parses a response head in `buf`; when complete, writes the client's head
 /// into `out` and returns what it says and its length.
-fn response_head(buf: &[u8], out: &mut Vec<u8>, ctx: &ResponseCtx<'_>) -> Result<Option<(Head, usize)>, String> {
-    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
-    let mut res = httparse::Response::new(&mut headers);
-    let len = match res.parse(buf) {
+fn response_head(buf: &[u8], out: &mut Vec<u8>, ctx: &Exchange<'_>) -> Result<Option<(Head, usize)>, String> {
+    let mut headers = uninit_headers();
+    let mut res = httparse::Response::new(&mut []);
+    let len = match httparse::ParserConfig::default().parse_response_with_uninit_headers(&mut res, buf, &mut headers) {
         Ok(httparse::Status::Complete(n)) => n,
         Ok(httparse::Status::Partial) => return Ok(None),
         Err(e) => return Err(e.to_string()),
