@@ -4,8 +4,9 @@
 //! before the next step):
 //!
 //! 1. the floor: `kubectl apply --server-side` of N Spaces that no operator watches;
-//! 2. `paused`: N paused image Spaces with `hangar operator` running (Lease,
-//!    Deployment at 0 replicas, Service, status: the operator's own cost, no pods);
+//! 2. `paused`: N paused image Spaces with `hangar operator` running (a status
+//!    each and nothing else: a Space that never ran gets no Deployment, Service
+//!    or Lease while paused; the bench counts them, expecting none);
 //! 3. `running`: N image Spaces whose pods run on a kwok node made for the run
 //!    (big enough for all of them, tainted so nothing else lands there);
 //! 4. the floor again (how much the machine drifted during the run).
@@ -20,7 +21,9 @@
 //! eval "$(scripts/testenv env)"; HANGAR_BENCH_SPACES=1000 cargo bench --bench operator_scale
 //! ```
 //! `HANGAR_BENCH_VARIANTS=paused` (or `running`) runs one variant;
-//! `HANGAR_BENCH_OPERATOR_ARGS` passes extra operator arguments.
+//! `HANGAR_BENCH_OPERATOR_ARGS` passes extra operator arguments;
+//! `HANGAR_BENCH_BASELINE_BIN=/path/to/older/hangar` also runs each variant with
+//! that binary, right before this build's, for a before/after in one run.
 
 use std::collections::HashSet;
 use std::process::{Child, Command, Stdio};
@@ -217,6 +220,8 @@ struct Outcome {
     applied: Duration,
     status: Option<Duration>,
     objects: Option<Duration>,
+    /// Deployments and Services seen in the namespace.
+    made: (usize, usize),
     running: Option<Duration>,
     rss_kib: u64,
     cpu_seconds: f64,
@@ -226,6 +231,7 @@ struct Outcome {
 async fn run_variant(
     client: &Client,
     variant: &str,
+    bin: &str,
     namespace: &str,
     n: usize,
     dir: &std::path::Path,
@@ -236,7 +242,7 @@ async fn run_variant(
     let addr = format!("127.0.0.1:{port}");
     let extra = std::env::var("HANGAR_BENCH_OPERATOR_ARGS").unwrap_or_default();
     let log = std::fs::File::create(dir.join(format!("{variant}.log")))?;
-    let mut operator = Command::new(env!("CARGO_BIN_EXE_hangar"))
+    let mut operator = Command::new(bin)
         .args(["operator", "--namespace", namespace, "--http-addr", &addr])
         .arg("--hardware-mapping")
         .arg(mapping_file)
@@ -257,12 +263,16 @@ async fn run_variant(
         loop {
             let done = {
                 let p = progress.lock().map_err(|_| "progress lock")?;
-                p.at_status.is_some() && p.at_objects.is_some() && (paused || p.at_running.is_some())
+                p.at_status.is_some() && (paused || (p.at_objects.is_some() && p.at_running.is_some()))
             };
             if done || start.elapsed() > LIMIT {
                 break;
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        if paused {
+            // Objects written after the last status would still show up now.
+            tokio::time::sleep(Duration::from_secs(3)).await;
         }
         let metrics = scrape(&addr).await;
         let p = progress.lock().map_err(|_| "progress lock")?;
@@ -270,6 +280,7 @@ async fn run_variant(
             applied,
             status: p.at_status,
             objects: p.at_objects,
+            made: (p.deployments.len(), p.services.len()),
             running: p.at_running.filter(|_| !paused),
             rss_kib: peak_rss_kib(&operator).unwrap_or(0),
             cpu_seconds: cpu_seconds(&operator).unwrap_or(0.0),
@@ -286,13 +297,14 @@ fn secs(d: Option<Duration>) -> String {
     d.map_or_else(|| "not reached".to_owned(), |d| format!("{:.1} s", d.as_secs_f64()))
 }
 
-fn report(variant: &str, n: usize, floor: Duration, o: &Outcome) {
+fn report(variant: &str, build: &str, n: usize, floor: Duration, o: &Outcome) {
     let ratio = |d: Option<Duration>| {
         d.map_or_else(String::new, |d| format!(" ({:.2}x the floor)", d.as_secs_f64() / floor.as_secs_f64()))
     };
-    println!("== {variant}: {n} Spaces");
+    println!("== {variant} ({build}): {n} Spaces");
     println!("  kubectl apply (operator running):            {:.1} s", o.applied.as_secs_f64());
     println!("  all with stage + observedGeneration:         {}{}", secs(o.status), ratio(o.status));
+    println!("  Deployments / Services made:                 {} / {}", o.made.0, o.made.1);
     println!("  all with Deployment + Service:               {}{}", secs(o.objects), ratio(o.objects));
     if variant == "running" {
         println!("  all RUNNING:                                 {}{}", secs(o.running), ratio(o.running));
@@ -337,16 +349,23 @@ async fn main() -> Result<()> {
     let floor = floor?;
     println!("floor: kubectl apply of {n} Spaces, no operator: {:.1} s", floor.as_secs_f64());
 
+    let mut builds = Vec::new();
+    if let Ok(bin) = std::env::var("HANGAR_BENCH_BASELINE_BIN") {
+        builds.push(("baseline".to_owned(), bin));
+    }
+    builds.push(("this build".to_owned(), env!("CARGO_BIN_EXE_hangar").to_owned()));
     let mut failed = None;
-    for variant in variants.split(',').map(str::trim).filter(|v| !v.is_empty()) {
-        let namespace = format!("bench-{variant}-{stamp}");
+    let runs =
+        variants.split(',').map(str::trim).filter(|v| !v.is_empty()).flat_map(|v| builds.iter().map(move |b| (v, b)));
+    for (i, (variant, (build, bin))) in runs.enumerate() {
+        let namespace = format!("bench-{variant}-{stamp}-{i}");
         if variant == "running" {
             let file = dir.path().join("node.yaml");
             std::fs::write(&file, bench_node(&node, n + 10))?;
             kubectl_quiet(&["apply", "-f", &file.to_string_lossy()])?;
             kubectl_quiet(&["wait", "--for=condition=Ready", &format!("node/{node}"), "--timeout=60s"])?;
         }
-        let outcome = run_variant(&client, variant, &namespace, n, dir.path(), &mapping_file).await;
+        let outcome = run_variant(&client, variant, bin, &namespace, n, dir.path(), &mapping_file).await;
         let cleanup = Instant::now();
         delete_namespace(&namespace);
         if variant == "running" {
@@ -354,12 +373,15 @@ async fn main() -> Result<()> {
         }
         match outcome {
             Ok(o) => {
-                report(variant, n, floor, &o);
-                if o.status.is_none() || o.objects.is_none() || (variant == "running" && o.running.is_none()) {
-                    failed = Some(format!("{variant}: not every Space got there within {LIMIT:?}"));
+                report(variant, build, n, floor, &o);
+                if o.status.is_none() || (variant == "running" && (o.objects.is_none() || o.running.is_none())) {
+                    failed = Some(format!("{variant} ({build}): not every Space got there within {LIMIT:?}"));
+                }
+                if variant == "paused" && build == "this build" && o.made != (0, 0) {
+                    failed = Some(format!("paused: Spaces that never ran got objects: {:?}", o.made));
                 }
             }
-            Err(e) => failed = Some(format!("{variant}: {e}")),
+            Err(e) => failed = Some(format!("{variant} ({build}): {e}")),
         }
         println!("  (namespace deleted in {:.1} s)", cleanup.elapsed().as_secs_f64());
     }

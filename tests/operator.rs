@@ -192,6 +192,33 @@ async fn idle_spaces_sleep_and_wake_on_lease_renewal_but_paused_ones_do_not() {
 }
 
 #[tokio::test]
+async fn a_space_created_paused_gets_its_objects_only_once_unpaused() {
+    let (ns, _operator) = setup("op-dormant").await;
+    let mut space = image_space("later", "cpu-basic");
+    space.spec.paused = true;
+    create(&ns, &space).await;
+    wait_stage(&ns, "later", Stage::Paused, Duration::from_secs(60)).await;
+    // Settled (the stage is written alongside the workload): nothing was made.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let workload = naming::workload_name("later");
+    let (deployments, services, leases): (Api<Deployment>, Api<Service>, Api<Lease>) = (ns.api(), ns.api(), ns.api());
+    assert!(deployments.get_opt(&workload).await.expect("get").is_none(), "no Deployment while never run");
+    assert!(services.get_opt(&workload).await.expect("get").is_none(), "no Service while never run");
+    let lease = naming::activity_lease_name("later");
+    assert!(leases.get_opt(&lease).await.expect("get").is_none(), "no Lease while never run");
+
+    let spaces: Api<Space> = ns.api();
+    spaces
+        .patch("later", &PatchParams::default(), &Patch::Merge(json!({"spec": {"paused": false}})))
+        .await
+        .expect("unpause");
+    wait_stage(&ns, "later", Stage::Running, Duration::from_secs(60)).await;
+    assert_eq!(replicas(&ns, "later").await, Some(1));
+    assert!(services.get_opt(&workload).await.expect("get").is_some(), "Service made on unpause");
+    assert!(leases.get_opt(&lease).await.expect("get").is_some(), "Lease made on unpause");
+}
+
+#[tokio::test]
 async fn restart_converges_without_duplicates_deletion_leaves_nothing_and_rest_means_no_writes() {
     let (ns, mut operator) = setup("op-life").await;
     for i in 0..5 {

@@ -58,6 +58,11 @@ impl Written {
         written.get(&(kind, key.0.to_owned(), key.1.to_owned())).is_none_or(|h| h != hash)
     }
 
+    /// Whether this process applied the object (and has not seen it deleted since).
+    pub fn contains(&self, kind: &'static str, key: (&str, &str)) -> bool {
+        self.0.lock().is_ok_and(|w| w.contains_key(&(kind, key.0.to_owned(), key.1.to_owned())))
+    }
+
     pub fn record(&self, kind: &'static str, key: (&str, &str), hash: String) {
         if let Ok(mut written) = self.0.lock() {
             written.insert((kind, key.0.to_owned(), key.1.to_owned()), hash);
@@ -114,6 +119,8 @@ mod tests {
         let new_hash = stamp(&mut service(81));
         assert!(written.needs_apply("Service", Some(&old.metadata), key, &new_hash, false));
         written.record("Service", key, new_hash.clone());
+        assert!(written.contains("Service", key));
+        assert!(!written.contains("Deployment", key));
         // The cache still shows the old render: this process's write is in flight.
         assert!(!written.needs_apply("Service", Some(&old.metadata), key, &new_hash, false));
         assert!(!written.needs_apply("Service", None, key, &new_hash, false));

@@ -273,6 +273,10 @@ async fn reconcile_inner(space: &Space, ctx: &Context) -> Result<Action> {
     };
     let template_hash = rendered.as_ref().and_then(|(d, _)| render::template_hash(d)).map(str::to_owned);
     let deployment = ctx.caches.deployment(&namespace, &workload);
+    let dormant = without_objects(
+        space.spec.paused,
+        deployment.is_some() || ctx.caches.written.contains(cache::DEPLOYMENT, (&namespace, &workload)),
+    );
 
     // Status from the facts at hand, written alongside the workload rather
     // than after it: a new or changed Space shows where it stands at once.
@@ -303,11 +307,12 @@ async fn reconcile_inner(space: &Space, ctx: &Context) -> Result<Action> {
         write_status(space, ctx, &desired).await
     };
     let writes = async {
-        if lease.is_none() {
+        if lease.is_none() && !dormant {
             create_lease(ctx, space, now).await?;
         }
         sleep::record_decision(&ctx.client, &namespace, &pods, freeze_decision).await?;
         match rendered {
+            Some(_) if dormant => Ok(()),
             Some((deployment_desired, service_desired)) => {
                 apply_workload(ctx, &namespace, deployment.as_deref(), deployment_desired, service_desired).await
             }
@@ -335,6 +340,14 @@ async fn reconcile_inner(space: &Space, ctx: &Context) -> Result<Action> {
         ctx.forget(&namespace, &name);
     }
     Ok(Action::requeue(decision.recheck_in.map_or(RESYNC, |d| d.min(RESYNC))))
+}
+
+/// A paused Space that has never run needs nothing but its status: no
+/// Deployment, Service or Lease until it is unpaused. Each would be a write,
+/// and a Deployment sets off the controller-manager's own (ReplicaSet, status).
+/// A Space that ran keeps its objects while paused (scaled to 0).
+fn without_objects(paused: bool, has_workload: bool) -> bool {
+    paused && !has_workload
 }
 
 /// Server-side applies the Service and the Deployment, each only when the
@@ -465,6 +478,14 @@ mod tests {
         known.remove("a/y");
         let present = HashSet::from(["a/x".to_owned()]);
         assert_eq!(known.absent_from(&present), ["b/x"]);
+    }
+
+    #[test]
+    fn only_a_paused_space_that_never_ran_goes_without_objects() {
+        assert!(without_objects(true, false));
+        assert!(!without_objects(true, true), "paused after running: kept, scaled to 0");
+        assert!(!without_objects(false, false), "to run: made");
+        assert!(!without_objects(false, true));
     }
 
     #[test]
