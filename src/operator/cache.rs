@@ -4,15 +4,15 @@
 //!
 //! The caches hold only what the operator reads: managed fields are stripped
 //! everywhere, Services are watched as metadata, Deployments lose their pod
-//! template (the operator compares its own render by hash) and all of their
-//! status but the ready count, pods their spec.
+//! template (the operator compares its own render by hash) and their status,
+//! pods their spec.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, RwLock};
 
 use futures::TryStreamExt;
 use futures::stream::{BoxStream, StreamExt};
-use k8s_openapi::api::apps::v1::{Deployment, DeploymentStatus};
+use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{Pod, Service};
 use kube::api::PartialObjectMeta;
@@ -99,9 +99,8 @@ pub fn watches(
             strip_managed_fields(d);
             // Compared through the rendered hash annotation, never read.
             d.spec.template = Default::default();
-            // Of the status only the ready count is read (its conditions are long prose).
-            let ready_replicas = d.status.as_ref().and_then(|s| s.ready_replicas);
-            d.status = Some(DeploymentStatus { ready_replicas, ..Default::default() });
+            // Nor is its status (readiness is read from the pods).
+            d.status = None;
         })
         .reflect(writer)
         .inspect_ok(move |event| forget_written(&seen, DEPLOYMENT, event))

@@ -18,6 +18,7 @@ use serde_json::json;
 use super::applied;
 use super::builds::{BuildState, Builds};
 use super::cache::{self, Caches};
+use super::merge_patch;
 use super::metrics::Metrics;
 use super::placement::HardwareMapping;
 use super::render::{self, RenderInput};
@@ -293,7 +294,6 @@ async fn reconcile_inner(space: &Space, ctx: &Context) -> Result<Action> {
         hardware_requested: &space.spec.hardware,
         replicas_requested: replicas,
         url: Some(url),
-        deployment: deployment.as_deref(),
         template_hash: template_hash.as_deref(),
         pods: &pods,
         previous: space.status.as_ref(),
@@ -409,9 +409,12 @@ async fn write_status(space: &Space, ctx: &Context, desired: &SpaceStatus) -> Re
         return Ok(());
     }
     let api: Api<Space> = Api::namespaced(ctx.client.clone(), &space.namespace().unwrap_or_default());
-    let patch = json!({"apiVersion": "hangar.dev/v1alpha1", "kind": "Space", "status": desired});
+    // Only what changed since the status this reconcile started from (the
+    // operator is the status's only writer), as a merge patch.
+    let status = merge_patch::diff(&json!(previous), &json!(desired));
     ctx.metrics.call("write_status");
-    api.patch_status(&space.name_any(), &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&patch)).await?;
+    let params = PatchParams { field_manager: Some(FIELD_MANAGER.to_owned()), ..Default::default() };
+    api.patch_status(&space.name_any(), &params, &Patch::Merge(json!({"status": status}))).await?;
     ctx.metrics.status_writes.inc();
     let old_stage = previous.and_then(|s| s.stage);
     if let Some(stage) = desired.stage.filter(|s| Some(*s) != old_stage) {

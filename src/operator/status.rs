@@ -1,7 +1,6 @@
 //! Where a Space stands: a pure function from observed facts (spec, config,
 //! build, activity, Deployment, pods) to the status the operator writes.
 
-use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use k8s_openapi::jiff::Timestamp;
@@ -54,7 +53,6 @@ pub struct Facts<'a> {
     pub hardware_requested: &'a str,
     pub replicas_requested: i32,
     pub url: Option<String>,
-    pub deployment: Option<&'a Deployment>,
     /// Template hash of the Deployment as rendered now.
     pub template_hash: Option<&'a str>,
     pub pods: &'a [Pod],
@@ -73,6 +71,14 @@ fn is_ready(pod: &Pod) -> bool {
 
 fn pod_template(pod: &Pod) -> Option<&str> {
     pod.metadata.labels.as_ref()?.get(TEMPLATE_LABEL).map(String::as_str)
+}
+
+/// Placed on a node (the scheduler bound it).
+fn is_scheduled(pod: &Pod) -> bool {
+    pod.status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .is_some_and(|c| c.iter().any(|c| c.type_ == "PodScheduled" && c.status == "True"))
 }
 
 /// The scheduler's verdict for a pending pod, e.g. "0/4 nodes are available: ... Insufficient nvidia.com/gpu".
@@ -167,7 +173,7 @@ pub fn derive(facts: &Facts) -> SpaceStatus {
     let mut conditions = vec![condition(READY, stage.is_serving(), stage.as_str(), message.clone(), facts)];
     if let Some(reason) = pending {
         conditions.push(condition(SCHEDULED, false, "Unschedulable", reason, facts));
-    } else if !current.is_empty() {
+    } else if current.iter().any(|p| is_scheduled(p)) {
         conditions.push(condition(SCHEDULED, true, "Scheduled", "pods are placed on nodes".to_owned(), facts));
     }
 
@@ -176,7 +182,9 @@ pub fn derive(facts: &Facts) -> SpaceStatus {
         .find(|p| pod_template(p) == facts.template_hash)
         .or(ready.first())
         .and_then(|p| p.metadata.annotations.as_ref()?.get(HARDWARE_ANNOTATION).cloned());
-    let ready_replicas = facts.deployment.and_then(|d| d.status.as_ref()).and_then(|s| s.ready_replicas).unwrap_or(0);
+    // Counted from the pods, not the Deployment's status: that count follows
+    // the pods' readiness a watch event later, and would cost a status write of its own.
+    let ready_replicas = i32::try_from(ready.len()).unwrap_or(i32::MAX);
 
     SpaceStatus {
         stage: Some(stage),
@@ -239,7 +247,6 @@ mod tests {
             hardware_requested: "t4-small",
             replicas_requested: 1,
             url: Some("https://alice-app.hf.test/".into()),
-            deployment: None,
             template_hash: Some(HASH),
             pods,
             previous: None,
@@ -279,6 +286,18 @@ mod tests {
         let ready = &s.conditions[0];
         assert_eq!((ready.type_.as_str(), ready.status.as_str(), ready.reason.as_str()), ("Ready", "True", "RUNNING"));
         assert_eq!(s.observed_generation, Some(3));
+        let replicas = s.replicas.expect("replicas");
+        assert_eq!((replicas.requested, replicas.current), (1, 1), "counted with the stage, from the pod");
+    }
+
+    #[test]
+    fn scheduled_only_once_the_pod_is_bound() {
+        let scheduled = |pods: &[Pod]| {
+            derive(&facts(pods)).conditions.iter().find(|c| c.type_ == SCHEDULED).map(|c| c.status.clone())
+        };
+        assert_eq!(scheduled(&[pod(HASH, "cpu-basic", &[])]), None, "created, not yet placed: nothing to say");
+        let bound = pod(HASH, "cpu-basic", &[("PodScheduled", "True", None, None)]);
+        assert_eq!(scheduled(&[bound]), Some("True".to_owned()));
     }
 
     #[test]
