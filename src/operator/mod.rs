@@ -4,7 +4,6 @@ pub mod applied;
 pub mod builds;
 pub mod cache;
 pub mod leader;
-pub mod merge_patch;
 pub mod metrics;
 pub mod placement;
 pub mod reconcile;
