@@ -125,6 +125,37 @@ async fn a_pooled_connection_the_upstream_closed_is_retried_not_a_502() {
 }
 
 #[tokio::test]
+async fn a_post_the_upstream_closed_under_is_answered_502_not_sent_twice() {
+    // Answers a connection's first request, then reads the second and closes
+    // without a word: the app may have acted on it, so a POST must not go again.
+    let posts = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let seen = std::sync::Arc::clone(&posts);
+    let up = RawUpstream::start(move |mut s| {
+        let seen = std::sync::Arc::clone(&seen);
+        async move {
+            if read_request_head(&mut s).await.is_some() {
+                let _ = s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok").await;
+                if read_request_head(&mut s).await.is_some_and(|h| h.starts_with(b"POST")) {
+                    seen.fetch_add(1, Ordering::SeqCst);
+                }
+            }
+        }
+    })
+    .await;
+    let source = MemorySource::new(DOMAIN);
+    source.upsert(running("alice", "orders", up.addr));
+    let p = proxy(&source, |c| c.workers = 1).await;
+    let c = client();
+    let first = c.get(url(&p, "alice", "orders", "/")).send().await.expect("first request");
+    assert_eq!(first.status(), 200);
+    assert_eq!(first.text().await.expect("body"), "ok");
+    let order = c.post(url(&p, "alice", "orders", "/order")).body("hi").send().await.expect("post");
+    assert_eq!(order.status(), 502, "{}", order.text().await.unwrap_or_default());
+    assert_eq!(posts.load(Ordering::SeqCst), 1, "the POST reached the app once");
+    p.shutdown().await.expect("clean shutdown");
+}
+
+#[tokio::test]
 async fn request_bodies_stream_with_content_length_or_go_to_hyper_when_chunked() {
     let up = Upstream::start("bodies").await;
     let source = MemorySource::new(DOMAIN);

@@ -122,6 +122,7 @@ struct Taken {
     content_length: u64,
     close: bool,
     is_head: bool,
+    replayable: bool,
     m: Match,
     upstream: SocketAddr,
 }
@@ -162,6 +163,7 @@ fn take(worker: &Worker, buf: &[u8], out: &mut Vec<u8>, client_ip: &HeaderValue)
         content_length: facts.content_length,
         close: facts.close,
         is_head: facts.is_head,
+        replayable: facts.replayable,
         m,
         upstream,
     })
@@ -189,6 +191,7 @@ async fn forward_one(
     let _activity = inner.activity.open_entry(Arc::clone(&space.activity));
     let ctx = Exchange {
         is_head: taken.is_head,
+        replayable: taken.replayable,
         close: taken.close,
         custom_headers: &route.custom_headers,
         header_timeout: inner.config.header_timeout,
@@ -299,6 +302,8 @@ struct Head {
 struct Exchange<'a> {
     connect_timeout: Duration,
     is_head: bool,
+    /// May be sent again when a reused connection closes under it.
+    replayable: bool,
     close: bool,
     custom_headers: &'a [(http::HeaderName, HeaderValue)],
     header_timeout: Duration,
@@ -314,7 +319,7 @@ enum Failed {
 /// Sends the request (head in `conn.out`, then `streamed` body bytes from the
 /// client) and reads the final response head, writing it into `conn.head` and
 /// relaying any 1xx. A request on a reused connection that was closed under
-/// it is sent once more on a new connection when it can be (its body all in `conn.out`).
+/// it is sent once more on a new connection when it can be (a safe method, its body all in `conn.out`).
 async fn exchange(
     pool: &Pool,
     upstream: SocketAddr,
@@ -326,8 +331,8 @@ async fn exchange(
 ) -> Result<(Upstream, Head), (ForwardError, bool)> {
     let attempts = async {
         let mut pooled = pool.checkout(upstream);
-        if streamed > 0 && pooled.as_mut().is_some_and(|up| !looks_open(up)) {
-            // A body that cannot be sent again needs a connection known to be open.
+        if (streamed > 0 || !ctx.replayable) && pooled.as_mut().is_some_and(|up| !looks_open(up)) {
+            // A request that cannot be sent again needs a connection known to be open.
             pooled = None;
         }
         let reused = pooled.is_some();
@@ -337,7 +342,9 @@ async fn exchange(
         };
         match attempt(&mut up, client, conn, streamed, ctx, upstream).await {
             Ok(head) => return Ok((up, head)),
-            Err((Failed::BeforeResponse(_), _)) if reused && streamed == 0 => {}
+            // Only a safe method: the upstream may have acted on anything else before
+            // it closed (the rule of Go's and hyper's clients; nginx's default too).
+            Err((Failed::BeforeResponse(_), _)) if reused && streamed == 0 && ctx.replayable => {}
             Err((Failed::BeforeResponse(reason), pending)) => {
                 return Err((ForwardError::Upstream { upstream, reason }, pending));
             }
@@ -619,6 +626,8 @@ struct RequestFacts<'b> {
     /// `Connection: close`: close after the response (and drop a header named `close`).
     close: bool,
     is_head: bool,
+    /// A safe method (RFC 9110 9.2.1): sending it twice is harmless.
+    replayable: bool,
 }
 
 /// The request's facts if the fast path can forward it unchanged in meaning;
@@ -669,6 +678,7 @@ fn request_facts<'b>(req: &httparse::Request<'_, 'b>) -> Option<RequestFacts<'b>
         content_length: content_length.unwrap_or(0),
         close,
         is_head: method == "HEAD",
+        replayable: matches!(method, "GET" | "HEAD" | "OPTIONS" | "TRACE"),
     })
 }
 
