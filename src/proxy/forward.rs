@@ -317,6 +317,23 @@ impl Drop for UpstreamBody {
 }
 
 /// Why a request could not be sent on a connection, and whether it can be retried on another.
+/// Calls `sweep` on `pool` every [`POOL_IDLE_TIMEOUT`], from the current
+/// runtime, until the pool is dropped (it holds only a weak reference).
+pub fn sweep_idle<P: Send + Sync + 'static>(pool: &Arc<P>, sweep: fn(&P)) {
+    let weak = Arc::downgrade(pool);
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(POOL_IDLE_TIMEOUT);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            match weak.upgrade() {
+                Some(pool) => sweep(&pool),
+                None => return,
+            }
+        }
+    });
+}
+
 enum SendError {
     /// The connection was closed before the request was written: the request comes back.
     Unsent(Box<Request<Incoming>>, hyper::Error),
@@ -330,18 +347,7 @@ impl Forwarder {
     /// sweeps idle connections from there until dropped.
     pub fn new(connect_timeout: Duration, header_timeout: Duration) -> Self {
         let pool = Arc::new(Pool::default());
-        let weak = Arc::downgrade(&pool);
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(POOL_IDLE_TIMEOUT);
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            loop {
-                tick.tick().await;
-                match weak.upgrade() {
-                    Some(pool) => pool.sweep(),
-                    None => return,
-                }
-            }
-        });
+        sweep_idle(&pool, Pool::sweep);
         Self { pool, connect_timeout, header_timeout }
     }
 

@@ -246,18 +246,7 @@ impl Pool {
     /// Must be created on the worker's runtime: it sweeps idle connections from there until dropped.
     pub fn new() -> Arc<Self> {
         let pool = Arc::new(Self::default());
-        let weak = Arc::downgrade(&pool);
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(POOL_IDLE_TIMEOUT);
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            loop {
-                tick.tick().await;
-                match weak.upgrade() {
-                    Some(pool) => pool.sweep(),
-                    None => return,
-                }
-            }
-        });
+        forward::sweep_idle(&pool, Self::sweep);
         pool
     }
 
