@@ -56,17 +56,7 @@ async fn hangar_sample(ns: &TestNamespace, spaces: &Api<Space>, proxy: &str, spa
         Ok(asleep.then_some(()))
     })
     .await;
-    let start = Instant::now();
-    let response = support::held_client()
-        .get(format!("http://{proxy}/"))
-        .header("host", format!("{}-{space}.{DOMAIN}", ns.name))
-        .header("accept", "*/*")
-        .send()
-        .await
-        .expect("request through the proxy");
-    let took = start.elapsed();
-    assert_eq!(response.status().as_u16(), 200, "{space} through the proxy");
-    took
+    support::first_byte_through_proxy(proxy, &format!("{}-{space}.{DOMAIN}", ns.name)).await
 }
 
 fn summary(samples: &[Duration]) -> (f64, f64, f64) {

@@ -125,17 +125,7 @@ async fn space_status(spaces: &Api<Space>, name: &str) -> hangar::space::SpaceSt
 }
 
 async fn through_proxy(ns: &TestNamespace, proxy: &str, space: &str) -> Duration {
-    let start = Instant::now();
-    let response = support::held_client()
-        .get(format!("http://{proxy}/"))
-        .header("host", format!("{}-{space}.{DOMAIN}", ns.name))
-        .header("accept", "*/*")
-        .send()
-        .await
-        .expect("request through the proxy");
-    let took = start.elapsed();
-    assert_eq!(response.status().as_u16(), 200, "{space} through the proxy");
-    took
+    support::first_byte_through_proxy(proxy, &format!("{}-{space}.{DOMAIN}", ns.name)).await
 }
 
 /// A request through the proxy to the frozen Space (status Frozen, cgroup FROZEN).

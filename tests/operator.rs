@@ -152,6 +152,13 @@ async fn renew(ns: &TestNamespace, name: &str) {
         .expect("renew the activity lease");
 }
 
+/// What a user's `kubectl patch` of `spec.paused` sends.
+async fn set_paused(ns: &TestNamespace, name: &str, paused: bool) {
+    let spaces: Api<Space> = ns.api();
+    let patch = Patch::Merge(json!({"spec": {"paused": paused}}));
+    spaces.patch(name, &PatchParams::default(), &patch).await.unwrap_or_else(|e| panic!("paused: {paused}: {e}"));
+}
+
 async fn replicas(ns: &TestNamespace, name: &str) -> Option<i32> {
     let deployments: Api<Deployment> = ns.api();
     deployments.get(&naming::workload_name(name)).await.ok()?.spec.replicas
@@ -178,14 +185,11 @@ async fn idle_spaces_sleep_and_wake_on_lease_renewal_but_paused_ones_do_not() {
     wait_stage(&ns, "nap", Stage::Running, Duration::from_secs(30)).await;
     eprintln!("wake: lease renewal -> replicas 1 in {scale_up:?}, -> RUNNING in {:?}", woken_at.elapsed());
 
-    let spaces: Api<Space> = ns.api();
-    spaces
-        .patch("nap", &PatchParams::default(), &Patch::Merge(json!({"spec": {"paused": true}})))
-        .await
-        .expect("pause");
+    set_paused(&ns, "nap", true).await;
     wait_stage(&ns, "nap", Stage::Paused, Duration::from_secs(30)).await;
     renew(&ns, "nap").await;
     tokio::time::sleep(Duration::from_secs(3)).await;
+    let spaces: Api<Space> = ns.api();
     let paused = spaces.get("nap").await.expect("get");
     assert_eq!(paused.status.and_then(|s| s.stage), Some(Stage::Paused), "traffic must not wake a paused Space");
     assert_eq!(replicas(&ns, "nap").await, Some(0));
@@ -207,11 +211,7 @@ async fn a_space_created_paused_gets_its_objects_only_once_unpaused() {
     let lease = naming::activity_lease_name("later");
     assert!(leases.get_opt(&lease).await.expect("get").is_none(), "no Lease while never run");
 
-    let spaces: Api<Space> = ns.api();
-    spaces
-        .patch("later", &PatchParams::default(), &Patch::Merge(json!({"spec": {"paused": false}})))
-        .await
-        .expect("unpause");
+    set_paused(&ns, "later", false).await;
     wait_stage(&ns, "later", Stage::Running, Duration::from_secs(60)).await;
     assert_eq!(replicas(&ns, "later").await, Some(1));
     assert!(services.get_opt(&workload).await.expect("get").is_some(), "Service made on unpause");

@@ -232,6 +232,22 @@ pub fn held_client() -> reqwest::Client {
     reqwest::Client::builder().no_proxy().timeout(Duration::from_secs(120)).build().expect("building a reqwest client")
 }
 
+/// `GET /` through the proxy at `proxy` for the Space served at `host`, held
+/// while it wakes or thaws: the time to the response head, which must be 200.
+pub async fn first_byte_through_proxy(proxy: &str, host: &str) -> Duration {
+    let start = std::time::Instant::now();
+    let response = held_client()
+        .get(format!("http://{proxy}/"))
+        .header("host", host)
+        .header("accept", "*/*")
+        .send()
+        .await
+        .expect("request through the proxy");
+    let took = start.elapsed();
+    assert_eq!(response.status().as_u16(), 200, "{host} through the proxy");
+    took
+}
+
 /// GET `url`; `Ok((status, body))`.
 pub async fn http_get(client: &reqwest::Client, url: &str) -> Result<(u16, String)> {
     let resp = client.get(url).send().await?;
