@@ -59,24 +59,6 @@ fn free_port() -> u16 {
     support::operator::free_port()
 }
 
-/// A kubeconfig for the chart's ServiceAccount `sa`: the test bed's cluster, the SA's token.
-fn service_account_kubeconfig(ns: &TestNamespace, sa: &str, dir: &Path) -> PathBuf {
-    let token = run_ok(ns.kubectl().args(["create", "token", sa, "--duration=2h"]));
-    let field = |path: &str| run_ok(ns.env.kubectl().args(["config", "view", "--raw", "--minify", "-o"]).arg(path));
-    let server = field("jsonpath={.clusters[0].cluster.server}");
-    let ca = field("jsonpath={.clusters[0].cluster.certificate-authority-data}");
-    assert!(!server.is_empty() && !ca.is_empty(), "the test bed's kubeconfig names its server and CA");
-    let config = json!({
-        "apiVersion": "v1", "kind": "Config", "current-context": sa,
-        "clusters": [{"name": "testbed", "cluster": {"server": server, "certificate-authority-data": ca}}],
-        "users": [{"name": sa, "user": {"token": token.trim()}}],
-        "contexts": [{"name": sa, "context": {"cluster": "testbed", "user": sa, "namespace": ns.name}}],
-    });
-    let path = dir.join(format!("{sa}.kubeconfig"));
-    std::fs::write(&path, serde_yaml_ng::to_string(&config).expect("kubeconfig yaml")).expect("write kubeconfig");
-    path
-}
-
 /// Installs the chart's RBAC for this namespace (no component pods) and starts the three
 /// components as processes under their ServiceAccounts.
 fn start_hangar(ns: &TestNamespace, dir: &Path) -> Hangar {
@@ -98,7 +80,7 @@ fn start_hangar(ns: &TestNamespace, dir: &Path) -> Hangar {
             .arg(&values_file),
     );
     let kubeconfig = |component: &str| {
-        let path = service_account_kubeconfig(ns, &format!("{RELEASE}-hangar-{component}"), dir);
+        let path = support::chart::service_account_kubeconfig(ns, &format!("{RELEASE}-hangar-{component}"), dir);
         vec![("KUBECONFIG", path.into_os_string()), ("RUST_LOG", OsString::from("info,hangar=debug"))]
     };
 
@@ -122,6 +104,9 @@ fn start_hangar(ns: &TestNamespace, dir: &Path) -> Hangar {
     ]);
     operator_args.extend(args(support::operator::builder_args(&ns.env)));
     operator_args.extend(args([OsString::from("--hardware-mapping"), mapping.into_os_string()]));
+    // The key private Spaces' token hashes are made with, shared with the proxy.
+    let token_key = support::chart::token_key_file(dir);
+    operator_args.extend(args([OsString::from("--token-key-file"), token_key.clone().into_os_string()]));
     let operator = Component::start("operator", dir, &operator_args, &kubeconfig("operator"));
 
     let (proxy_addr, proxy_admin) = (format!("127.0.0.1:{}", free_port()), format!("127.0.0.1:{}", free_port()));
@@ -136,6 +121,8 @@ fn start_hangar(ns: &TestNamespace, dir: &Path) -> Hangar {
         "--admin-listen",
         &proxy_admin,
     ]);
+    let mut proxy_args = proxy_args;
+    proxy_args.extend(args([OsString::from("--token-key-file"), token_key.into_os_string()]));
     let proxy = Component::start("proxy", dir, &proxy_args, &kubeconfig("proxy"));
 
     let secret_file = dir.join("webhook-secret");

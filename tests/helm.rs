@@ -17,11 +17,11 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use hangar::space::Space;
-use hangar::space::naming::{HEAD_SHA_ANNOTATION, activity_lease_name};
+use hangar::space::naming::{FREEZER_ANNOTATION, HEAD_SHA_ANNOTATION, activity_lease_name};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{Node, Pod};
-use kube::api::{Api, ListParams};
+use kube::api::{Api, ListParams, Patch, PatchParams};
 use serde_json::json;
 use support::{TestEnv, TestNamespace, http_client, repo_root, run, run_ok, wait_for};
 
@@ -302,6 +302,10 @@ async fn helm_install_runs_hangar_with_the_charts_rbac_and_uninstall_leaves_noth
         ("hgr-hangar-operator", "delete", "leases.coordination.k8s.io", false),
         ("hgr-hangar-proxy", "watch", "endpointslices.discovery.k8s.io", true),
         ("hgr-hangar-proxy", "patch", "leases.coordination.k8s.io", true),
+        // The internet-facing proxy reads no Secret (private Spaces' token hashes are in their status).
+        ("hgr-hangar-proxy", "get", "secrets", false),
+        ("hgr-hangar-proxy", "list", "secrets", false),
+        ("hgr-hangar-proxy", "watch", "secrets", false),
         ("hgr-hangar-proxy", "patch", "spaces.hangar.dev", false),
         ("hgr-hangar-proxy", "create", "deployments.apps", false),
         ("hgr-hangar-proxy", "delete", "leases.coordination.k8s.io", false),
@@ -491,17 +495,20 @@ async fn cluster_wide_rbac_grants_only_what_each_component_uses() {
         ("wide-hangar-operator", "list", "secrets", false),
         ("wide-hangar-operator", "create", "secrets", false),
         ("wide-hangar-operator", "list", "nodes", false),
-        ("wide-hangar-proxy", "list", "secrets", true),
         ("wide-hangar-proxy", "get", "secrets", false),
+        ("wide-hangar-proxy", "list", "secrets", false),
+        ("wide-hangar-proxy", "watch", "secrets", false),
+        ("wide-hangar-operator", "watch", "secrets", false),
         ("wide-hangar-proxy", "patch", "leases.coordination.k8s.io", true),
         ("wide-hangar-proxy", "create", "leases.coordination.k8s.io", false),
         ("wide-hangar-proxy", "list", "pods", false),
         // The frozen tier: the operator records decisions on pods, the node agent acts on them
-        // and advertises itself on its Node, the proxy reads that.
+        // (its own node's, by admission policy); the proxy finds it at its Node's InternalIP.
         ("wide-hangar-operator", "patch", "pods", true),
         ("wide-hangar-node-agent", "watch", "pods", true),
         ("wide-hangar-node-agent", "patch", "pods", true),
-        ("wide-hangar-node-agent", "patch", "nodes", true),
+        ("wide-hangar-node-agent", "patch", "nodes", false),
+        ("wide-hangar-node-agent", "get", "nodes", false),
         ("wide-hangar-node-agent", "delete", "pods", false),
         ("wide-hangar-node-agent", "get", "secrets", false),
         ("wide-hangar-proxy", "get", "nodes", true),
@@ -530,4 +537,85 @@ async fn cluster_wide_rbac_grants_only_what_each_component_uses() {
     ));
     run_ok(helm().args(["uninstall", release, "--wait", "--timeout", "60s"]));
     assert_eq!(cluster_rbac().trim(), "", "ClusterRoles left behind by helm uninstall");
+}
+
+/// A node agent's token (bound to its node, as a DaemonSet pod's is) may change the one
+/// annotation it writes on the Space pods of its own node, and nothing else: not a pod on
+/// another node, not another field, not a Node (the chart's ValidatingAdmissionPolicy and
+/// RBAC). A token bound to no node may change nothing.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_node_agents_token_reaches_only_its_own_nodes_space_pods() {
+    let ns = TestNamespace::new("helm-agent", &["kube-apiserver"]).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    support::chart::install(&ns, "confined", dir.path(), json!({}));
+    let sa = "confined-hangar-node-agent";
+    let kwok_node = {
+        let nodes: Api<Node> = Api::all(ns.client.clone());
+        let list = nodes.list(&ListParams::default().labels("hangar.dev/test-node=kwok")).await.expect("nodes");
+        list.items.into_iter().find_map(|n| n.metadata.name).expect("a kwok node")
+    };
+    let pods: Api<Pod> = ns.api();
+    let real = ns.env.real_node.clone();
+    for (name, node, space) in [("own", &real, true), ("other", &kwok_node, true), ("not-a-space", &real, false)] {
+        let pod: Pod = serde_json::from_value(json!({
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": name, "labels": if space { json!({"hangar.dev/space": "s"}) } else { json!({}) }},
+            // Never started: bound to the node by name, no image pulled.
+            "spec": {"nodeName": node, "tolerations": [{"operator": "Exists"}],
+                     "containers": [{"name": "app", "image": ns.env.static_image, "imagePullPolicy": "Never"}]},
+        }))
+        .expect("pod");
+        pods.create(&Default::default(), &pod).await.expect("create pod");
+    }
+    let bound = run_ok(
+        ns.kubectl()
+            .args(["create", "token", sa, "--duration=10m", "--bound-object-kind=Node"])
+            .arg(format!("--bound-object-name={}", ns.env.real_node)),
+    );
+    let agent =
+        support::chart::client_from(&support::chart::token_kubeconfig(&ns, "agent", bound.trim(), dir.path())).await;
+    let as_agent: Api<Pod> = Api::namespaced(agent.clone(), &ns.name);
+    let annotate = |key: &str| json!({"metadata": {"annotations": {key: "{\"state\":\"Thawed\"}"}}});
+    let patch = |api: &Api<Pod>, name: &str, body: serde_json::Value| {
+        let (api, name) = (api.clone(), name.to_owned());
+        async move { api.patch(&name, &PatchParams::default(), &Patch::Merge(body)).await.map(|_| ()) }
+    };
+    // The API server loads a new policy within about a second: until then the patch passes.
+    wait_for("the admission policy refusing a pod on another node", Duration::from_secs(30), || async {
+        match patch(&as_agent, "other", annotate(FREEZER_ANNOTATION)).await {
+            Err(kube::Error::Api(e)) if e.code == 403 => Ok(Some(())),
+            Err(e) => Err(e.into()),
+            Ok(()) => Ok(None),
+        }
+    })
+    .await;
+    patch(&as_agent, "own", annotate(FREEZER_ANNOTATION))
+        .await
+        .expect("the agent records its freezer state on its own node's pod");
+    for (pod, body, why) in [
+        ("other", annotate(FREEZER_ANNOTATION), "a pod on another node"),
+        ("own", annotate("hangar.dev/freeze"), "the operator's annotation"),
+        ("own", json!({"metadata": {"labels": {"hangar.dev/space": "another"}}}), "a label"),
+        ("not-a-space", annotate(FREEZER_ANNOTATION), "a pod that is no Space's"),
+    ] {
+        let refused = patch(&as_agent, pod, body).await.expect_err(why);
+        assert!(matches!(&refused, kube::Error::Api(e) if e.code == 403), "{why}: {refused}");
+    }
+    let nodes: Api<Node> = Api::all(agent);
+    let advertise = json!({"metadata": {"annotations": {"hangar.dev/node-agent": "http://elsewhere:1"}}});
+    let refused = nodes
+        .patch(&ns.env.real_node, &PatchParams::default(), &Patch::Merge(advertise))
+        .await
+        .expect_err("an agent may not patch its Node");
+    assert!(matches!(&refused, kube::Error::Api(e) if e.code == 403), "{refused}");
+    // A token that names no node (not a DaemonSet pod's) may change nothing.
+    let unbound = run_ok(ns.kubectl().args(["create", "token", sa, "--duration=10m"]));
+    let unbound =
+        support::chart::client_from(&support::chart::token_kubeconfig(&ns, "unbound", unbound.trim(), dir.path()))
+            .await;
+    let refused = patch(&Api::namespaced(unbound, &ns.name), "own", annotate(FREEZER_ANNOTATION))
+        .await
+        .expect_err("a token bound to no node");
+    assert!(matches!(&refused, kube::Error::Api(e) if e.code == 403), "{refused}");
+    run_ok(ns.env.helm(&dir.path().join("helm")).args(["uninstall", "confined", "-n", &ns.name, "--wait"]));
 }

@@ -106,3 +106,28 @@ affinity:
 {{- define "hangar.nodeAgentSecretName" -}}
 {{- .Values.nodeAgent.token.existingSecret | default (printf "%s-node-agent" (include "hangar.fullname" .)) -}}
 {{- end -}}
+
+{{- define "hangar.tokenKeySecretName" -}}
+{{- .Values.tokenKey.existingSecret | default (printf "%s-token-key" (include "hangar.fullname" .)) -}}
+{{- end -}}
+
+{{/* The token key volume of the operator and the proxy (both hash private Spaces' tokens with it). */}}
+{{- define "hangar.tokenKeyVolume" -}}
+- name: token-key
+  secret:
+    secretName: {{ include "hangar.tokenKeySecretName" . }}
+    items:
+      - key: {{ .Values.tokenKey.key }}
+        path: {{ .Values.tokenKey.key }}
+{{- end -}}
+
+{{- define "hangar.tokenKeyMount" -}}
+- name: token-key
+  mountPath: /etc/hangar/token-key
+  readOnly: true
+{{- end -}}
+
+{{- define "hangar.tokenKeyEnv" -}}
+- name: HANGAR_TOKEN_KEY_FILE
+  value: /etc/hangar/token-key/{{ .Values.tokenKey.key }}
+{{- end -}}
