@@ -619,3 +619,62 @@ async fn a_node_agents_token_reaches_only_its_own_nodes_space_pods() {
     assert!(matches!(&refused, kube::Error::Api(e) if e.code == 403), "{refused}");
     run_ok(ns.env.helm(&dir.path().join("helm")).args(["uninstall", "confined", "-n", &ns.name, "--wait"]));
 }
+
+/// The chart's NetworkPolicies render and the API server accepts them: Space pods take
+/// traffic from the proxy only and reach neither each other nor the cluster's private
+/// ranges; each hangar component accepts only its own ports, the node agent only the proxy.
+/// (Whether a cluster enforces them is its network plugin's business.)
+#[tokio::test(flavor = "multi_thread")]
+async fn network_policies_render_and_the_api_server_accepts_them() {
+    let ns = TestNamespace::new("helm-netpol", &["kube-apiserver"]).await;
+    let helm_home = tempfile::tempdir().expect("helm home");
+    let rendered = run_ok(
+        ns.env
+            .helm(helm_home.path())
+            .args(["template", "np", "-n", &ns.name])
+            .arg(repo_root().join("charts/hangar"))
+            .args([
+                "--set",
+                &format!("watchNamespace={}", ns.name),
+                "--set",
+                "networkPolicies.proxyCIDRs={10.1.2.3/32}",
+            ]),
+    );
+    let policies: Vec<serde_json::Value> = rendered
+        .split("\n---")
+        .filter_map(|doc| serde_yaml_ng::from_str::<serde_json::Value>(doc).ok())
+        .filter(|v| v["kind"] == "NetworkPolicy")
+        .collect();
+    let named = |name: &str| {
+        policies.iter().find(|p| p["metadata"]["name"] == name).unwrap_or_else(|| panic!("no NetworkPolicy {name}"))
+    };
+    let spaces = &named("np-hangar-spaces")["spec"];
+    assert_eq!(spaces["podSelector"]["matchExpressions"][0]["key"], "hangar.dev/space");
+    assert_eq!(spaces["policyTypes"], json!(["Ingress", "Egress"]));
+    let from = spaces["ingress"][0]["from"].as_array().expect("ingress sources");
+    assert_eq!(from.len(), 2, "the proxy's pods and the extra CIDR, nothing else: {from:?}");
+    assert_eq!(from[0]["podSelector"]["matchLabels"]["app.kubernetes.io/component"], "proxy");
+    assert_eq!(from[1]["ipBlock"]["cidr"], "10.1.2.3/32");
+    let egress = serde_json::to_string(&spaces["egress"]).expect("json");
+    for private in ["10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "169.254.0.0/16"] {
+        assert!(egress.contains(private), "Space egress must except {private}: {egress}");
+    }
+    let agent = &named("np-hangar-node-agent")["spec"]["ingress"][0];
+    assert_eq!(agent["from"][0]["podSelector"]["matchLabels"]["app.kubernetes.io/component"], "proxy");
+    assert_eq!(agent["ports"], json!([{"port": 9450, "protocol": "TCP"}]));
+    for component in ["operator", "proxy", "webhook"] {
+        let ingress = &named(&format!("np-hangar-{component}"))["spec"]["ingress"];
+        assert!(ingress[0].get("from").is_none() && ingress[0]["ports"].is_array(), "{component}: its ports only");
+    }
+    let dry = support::run_with_input(
+        ns.env.kubectl().args(["apply", "--dry-run=server", "-n", &ns.name, "-f", "-"]),
+        &rendered,
+    )
+    .unwrap_or_else(|e| panic!("the API server rejects the rendered chart: {e}"));
+    for name in ["spaces", "operator", "proxy", "webhook", "node-agent"] {
+        assert!(
+            dry.contains(&format!("networkpolicy.networking.k8s.io/np-hangar-{name} created (server dry run)")),
+            "{dry}"
+        );
+    }
+}
