@@ -12,6 +12,8 @@
 #![allow(dead_code)]
 
 pub mod floor;
+pub mod gradio;
+pub mod image;
 pub mod operator;
 pub mod process;
 pub mod repo;
