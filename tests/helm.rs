@@ -3,10 +3,10 @@
 //!
 //! The image is built (the Dockerfile around the test's own `hangar` binary, stripped, on the
 //! test bed's Debian base) and pushed to the test registry; `helm install` runs all
-//! three components as pods on the real node, with the chart's ServiceAccounts. The test bed
-//! has no kube-proxy and its kube-apiserver listens on loopback only, so the pods use the
-//! node's network (`hostNetwork`) and `KUBERNETES_SERVICE_HOST=127.0.0.1` (chart values that
-//! exist for such clusters). The operator watches the test namespace only (`watchNamespace`,
+//! three components as pods on the real node, with the chart's ServiceAccounts, in the node's
+//! network (`hostNetwork`) with `KUBERNETES_SERVICE_HOST=127.0.0.1`: the chart values for
+//! clusters whose pod network cannot reach the API server (tests/helm_e2e.rs runs the chart
+//! on the pod network). The operator watches the test namespace only (`watchNamespace`,
 //! RBAC as Roles there), so it never touches other tests' Spaces.
 
 mod support;
@@ -138,7 +138,7 @@ async fn helm_install_runs_hangar_with_the_charts_rbac_and_uninstall_leaves_noth
     assert!(dry.contains("(server dry run)"), "{dry}");
 
     // The image.
-    let (image, image_size) = support::image::build_and_push_hangar(&env, &ns.name);
+    let (image, _) = support::image::build_and_push_hangar(&env, &ns.name);
     let (repository, tag) = image.rsplit_once(':').expect("image tag");
 
     // Install: all three components on the real node, watching this namespace.
@@ -401,7 +401,6 @@ async fn helm_install_runs_hangar_with_the_charts_rbac_and_uninstall_leaves_noth
     .await;
     eprintln!("helm uninstall -> pods gone: {:.1}s", uninstalled.elapsed().as_secs_f64());
     let _ = env.docker().args(["rmi", &image]).output();
-    eprintln!("hangar image: {:.1} MB", image_size as f64 / 1e6);
 }
 
 /// The default mode (`watchNamespace` empty): ClusterRoles, so the components serve Spaces in

@@ -35,7 +35,7 @@ use kube::api::ListParams;
 use serde_json::json;
 use support::gradio::{assert_streamed, gradio_client, push_delivery, steady_client};
 use support::repo::{bare_clone, commit_file, copy_dir, git, publish, serve_dumb_http_on};
-use support::space::{stage_of, wait_stage};
+use support::space::stage_of;
 use support::{TestNamespace, repo_root, run_ok, wait_for};
 
 const DOMAIN: &str = "hf.test";
@@ -79,6 +79,22 @@ impl Drop for ReleaseLogsOnPanic<'_> {
             eprintln!("----- logs of the release's pods -----\n{}", logs.unwrap_or_else(|e| e.to_string()));
         }
     }
+}
+
+/// Waits until the Space runs `revision` (RUNNING, a current status); panics at once with
+/// the status when its build or start failed (e.g. no git in the image), instead of
+/// waiting out the timeout.
+async fn wait_running(spaces: &Api<Space>, revision: &str) -> Space {
+    wait_for(&format!("{SPACE} RUNNING at {revision}"), Duration::from_secs(600), || async {
+        let Some((stage, space)) = stage_of(spaces, SPACE).await else { return Ok(None) };
+        let status = space.status.as_ref();
+        if matches!(stage, Stage::BuildError | Stage::RuntimeError | Stage::ConfigError) {
+            panic!("{SPACE} is {stage:?}: {:?}", status.and_then(|s| s.message.as_deref()));
+        }
+        let built = status.and_then(|s| s.build.as_ref()).and_then(|b| b.revision.as_deref());
+        Ok((stage == Stage::Running && built == Some(revision)).then_some(space))
+    })
+    .await
 }
 
 async fn space_pods(ns: &TestNamespace) -> Vec<Pod> {
@@ -188,12 +204,11 @@ async fn the_charts_own_pods_build_a_space_from_git_serve_it_and_roll_it_out() {
     let applied = Instant::now();
     run_ok(ns.kubectl().arg("apply").arg("-f").arg(&manifest_file));
     let spaces: Api<Space> = ns.api();
-    let running = wait_stage(&spaces, SPACE, Stage::Running, Duration::from_secs(600)).await;
+    let running = wait_running(&spaces, &first).await;
     eprintln!("kubectl apply -> RUNNING through the chart's pods: {:.1}s", applied.elapsed().as_secs_f64());
     let status = running.status.clone().expect("status");
     let built = status.image.clone().expect("status.image");
     assert!(built.starts_with(&format!("{}/spaces/{n}/{SPACE}", env.registry)), "{built}");
-    assert_eq!(status.build.as_ref().and_then(|b| b.revision.as_deref()), Some(first.as_str()));
     let space_pod = space_pods(&ns).await;
     assert_eq!(space_pod.len(), 1, "one pod");
     assert_eq!(space_pod[0].spec.as_ref().and_then(|s| s.node_name.as_deref()), Some(env.real_node.as_str()));
@@ -223,12 +238,7 @@ async fn the_charts_own_pods_build_a_space_from_git_serve_it_and_roll_it_out() {
         .expect("webhook delivery");
     assert_eq!(posted.status().as_u16(), 202, "{:?}", posted.text().await);
     let pushed = Instant::now();
-    let rolled = wait_for("the new commit running", Duration::from_secs(600), || async {
-        let Some((stage, space)) = stage_of(&spaces, SPACE).await else { return Ok(None) };
-        let revision = space.status.as_ref().and_then(|s| s.build.as_ref()).and_then(|b| b.revision.clone());
-        Ok((stage == Stage::Running && revision.as_deref() == Some(second.as_str())).then_some(space))
-    })
-    .await;
+    let rolled = wait_running(&spaces, &second).await;
     wait_for("the old pod gone", Duration::from_secs(60), || async {
         Ok((space_pods(&ns).await.len() == 1).then_some(()))
     })
@@ -237,6 +247,7 @@ async fn the_charts_own_pods_build_a_space_from_git_serve_it_and_roll_it_out() {
     stop.store(true, Ordering::Relaxed);
     let failures = steady.await.expect("steady client");
     let total = sent.load(Ordering::Relaxed);
+    eprintln!("rollout: {total} requests through the proxy pod, {} failed", failures.len());
     assert!(failures.is_empty(), "{} of {total} requests failed during the rollout: {failures:?}", failures.len());
     assert!(total >= 20, "the steady client sent only {total} requests");
     assert_ne!(rolled.status.as_ref().and_then(|s| s.image.clone()), Some(built), "a new image");
