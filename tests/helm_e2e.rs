@@ -13,7 +13,8 @@
 //!   pod-network address.
 //!
 //! The operator pod clones, builds and pushes the example Gradio Space and runs it on the real
-//! node; the real `gradio_client` gets predictions through the proxy pod by host and by path
+//! node (and the static example from a private repository: Basic auth from the Space's
+//! `source.credentialsSecret`); the real `gradio_client` gets predictions through the proxy pod by host and by path
 //! route; a webhook delivery to the webhook pod rebuilds and rolls out a new commit while a
 //! client sends without pause.
 
@@ -81,15 +82,15 @@ impl Drop for ReleaseLogsOnPanic<'_> {
     }
 }
 
-/// Waits until the Space runs `revision` (RUNNING, a current status); panics at once with
-/// the status when its build or start failed (e.g. no git in the image), instead of
+/// Waits until the Space `name` runs `revision` (RUNNING, a current status); panics at once
+/// with the status when its build or start failed (e.g. no git in the image), instead of
 /// waiting out the timeout.
-async fn wait_running(spaces: &Api<Space>, revision: &str) -> Space {
-    wait_for(&format!("{SPACE} RUNNING at {revision}"), Duration::from_secs(600), || async {
-        let Some((stage, space)) = stage_of(spaces, SPACE).await else { return Ok(None) };
+async fn wait_running(spaces: &Api<Space>, name: &str, revision: &str) -> Space {
+    wait_for(&format!("{name} RUNNING at {revision}"), Duration::from_secs(600), || async {
+        let Some((stage, space)) = stage_of(spaces, name).await else { return Ok(None) };
         let status = space.status.as_ref();
         if matches!(stage, Stage::BuildError | Stage::RuntimeError | Stage::ConfigError) {
-            panic!("{SPACE} is {stage:?}: {:?}", status.and_then(|s| s.message.as_deref()));
+            panic!("{name} is {stage:?}: {:?}", status.and_then(|s| s.message.as_deref()));
         }
         let built = status.and_then(|s| s.build.as_ref()).and_then(|b| b.revision.as_deref());
         Ok((stage == Stage::Running && built == Some(revision)).then_some(space))
@@ -192,19 +193,42 @@ async fn the_charts_own_pods_build_a_space_from_git_serve_it_and_roll_it_out() {
     let remotes = dir.path().join("remotes");
     let remote = remotes.join("gradio-hello.git");
     bare_clone(&work, &remote);
-    let git_url =
-        format!("{}/gradio-hello.git", serve_dumb_http_on(pod_network_host_address(), remotes.clone(), None).await);
+    let host = pod_network_host_address();
+    let git_url = format!("{}/gradio-hello.git", serve_dumb_http_on(host, remotes.clone(), None).await);
     let example = std::fs::read_to_string(repo_root().join("examples/k8s/cpu-space.yaml")).expect("cpu-space.yaml");
     let manifest = example.replace("https://huggingface.co/spaces/gradio/hello_world", &git_url);
     assert_ne!(manifest, example, "examples/k8s/cpu-space.yaml names no git URL to replace");
     let manifest_file = dir.path().join("space.yaml");
     std::fs::write(&manifest_file, manifest).expect("write manifest");
 
+    // A private repository (Basic auth, `source.credentialsSecret`): the static-site example.
+    let private_work = dir.path().join("static-site");
+    copy_dir(&repo_root().join("examples/spaces/static-site"), &private_work);
+    git(&private_work, &["init", "-q", "-b", "main"]);
+    git(&private_work, &["add", "-A"]);
+    git(&private_work, &["commit", "-q", "-m", "static-site"]);
+    let private_commit = git(&private_work, &["rev-parse", "HEAD"]);
+    let private_remotes = dir.path().join("private");
+    bare_clone(&private_work, &private_remotes.join("static-site.git"));
+    let private_server = serve_dumb_http_on(host, private_remotes, Some("hub-user:hub-password")).await;
+    let private_manifest = dir.path().join("private.yaml");
+    std::fs::write(
+        &private_manifest,
+        format!(
+            "apiVersion: v1\nkind: Secret\nmetadata: {{name: static-site-git}}\n\
+             stringData: {{username: hub-user, password: hub-password}}\n---\n\
+             apiVersion: hangar.dev/v1alpha1\nkind: Space\nmetadata: {{name: static-site}}\n\
+             spec:\n  source: {{git: \"{private_server}/static-site.git\", revision: main, credentialsSecret: static-site-git}}\n  \
+             hardware: cpu-basic\n"
+        ),
+    )
+    .expect("write private manifest");
+
     // kubectl apply -> built by the operator pod, pushed, RUNNING on the real node.
     let applied = Instant::now();
-    run_ok(ns.kubectl().arg("apply").arg("-f").arg(&manifest_file));
+    run_ok(ns.kubectl().arg("apply").arg("-f").arg(&manifest_file).arg("-f").arg(&private_manifest));
     let spaces: Api<Space> = ns.api();
-    let running = wait_running(&spaces, &first).await;
+    let running = wait_running(&spaces, SPACE, &first).await;
     eprintln!("kubectl apply -> RUNNING through the chart's pods: {:.1}s", applied.elapsed().as_secs_f64());
     let status = running.status.clone().expect("status");
     let built = status.image.clone().expect("status.image");
@@ -222,6 +246,17 @@ async fn the_charts_own_pods_build_a_space_from_git_serve_it_and_roll_it_out() {
     assert_eq!(by_path.greet, "Hello e2e, from a Space on hangar!");
     assert_streamed(&by_path, 5);
 
+    // The private repository's Space, served by the proxy pod.
+    wait_running(&spaces, "static-site", &private_commit).await;
+    let page = support::held_client()
+        .get(format!("http://{proxy}/"))
+        .header("host", format!("{n}-static-site.{DOMAIN}"))
+        .send()
+        .await
+        .expect("static-site through the proxy");
+    assert_eq!(page.status().as_u16(), 200);
+    assert!(page.text().await.expect("body").contains("Hello from a static Space"));
+
     // A push and its webhook delivery through the webhook pod: rebuilt and rolled out while
     // the old version serves; a client sending without pause sees no failure.
     let app = std::fs::read_to_string(work.join("app.py")).expect("app.py");
@@ -238,7 +273,7 @@ async fn the_charts_own_pods_build_a_space_from_git_serve_it_and_roll_it_out() {
         .expect("webhook delivery");
     assert_eq!(posted.status().as_u16(), 202, "{:?}", posted.text().await);
     let pushed = Instant::now();
-    let rolled = wait_running(&spaces, &second).await;
+    let rolled = wait_running(&spaces, SPACE, &second).await;
     wait_for("the old pod gone", Duration::from_secs(60), || async {
         Ok((space_pods(&ns).await.len() == 1).then_some(()))
     })
@@ -262,7 +297,13 @@ async fn the_charts_own_pods_build_a_space_from_git_serve_it_and_roll_it_out() {
     }
 
     // Deleting the Space, then uninstalling, leaves nothing of either.
-    run_ok(ns.kubectl().args(["delete", "--wait=true", "--timeout=60s", "-f"]).arg(&manifest_file));
+    run_ok(
+        ns.kubectl()
+            .args(["delete", "--wait=true", "--timeout=60s", "-f"])
+            .arg(&manifest_file)
+            .arg("-f")
+            .arg(&private_manifest),
+    );
     wait_for("the Space's workload gone", Duration::from_secs(60), || async {
         let left = deployments.list(&ListParams::default().labels(SPACE_LABEL)).await?;
         Ok(left.items.is_empty().then_some(()))
