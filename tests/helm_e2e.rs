@@ -75,7 +75,9 @@ struct ReleaseLogsOnPanic<'a>(&'a TestNamespace);
 impl Drop for ReleaseLogsOnPanic<'_> {
     fn drop(&mut self) {
         if std::thread::panicking() {
-            let selector = format!("app.kubernetes.io/instance={RELEASE}");
+            // (the node agents on simulated nodes have no logs to show)
+            let selector =
+                format!("app.kubernetes.io/instance={RELEASE},app.kubernetes.io/component in (operator,proxy,webhook)");
             let logs = support::run(self.0.kubectl().args(["logs", "-l", &selector, "--prefix", "--tail=80"]));
             eprintln!("----- logs of the release's pods -----\n{}", logs.unwrap_or_else(|e| e.to_string()));
         }
