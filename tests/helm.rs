@@ -96,6 +96,7 @@ async fn helm_install_runs_hangar_with_the_charts_rbac_and_uninstall_leaves_noth
         ("proxy.port=0", "port"),
         ("operator.leaderElection=false,operator.replicas=2", "leaderElection"),
         ("nodeAgent.freezeAfter.cpu=soon", "freezeAfter"),
+        ("operator.builder.dockerSocketGroup=docker", "dockerSocketGroup"),
     ] {
         let err = support::run_fails(helm().args(["template", "bad"]).arg(&chart).args(["--set", bad]));
         assert!(err.contains(why), "--set {bad}: {err}");
