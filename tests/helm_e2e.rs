@@ -165,6 +165,10 @@ async fn the_charts_own_pods_build_a_space_from_git_serve_it_and_roll_it_out() {
         c.args(["-n", &n]);
         c
     };
+    // Helm installs the chart's CRD only when missing and never upgrades it: as on an upgrade
+    // (charts/hangar/README.md), the current one first (the shared test cluster may hold an
+    // older checkout's).
+    ns.install_crd().await;
     let installed = Instant::now();
     let _logs = ReleaseLogsOnPanic(&ns);
     run_ok(helm().args(["install", RELEASE]).arg(repo_root().join("charts/hangar")).arg("-f").arg(&values_file));
