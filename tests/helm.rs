@@ -1,19 +1,17 @@
 //! Cluster tier: the Helm chart `charts/hangar` end to end, with the hangar image built from
 //! the repository's Dockerfile.
 //!
-//! The image is built (BuildKit, `prebuilt` stage: the test's own `hangar` binary, stripped,
-//! on the test bed's Debian base) and pushed to the test registry; `helm install` runs all
-//! three components as pods on the real node, with the chart's ServiceAccounts. The test bed
-//! has no kube-proxy and its kube-apiserver listens on loopback only, so the pods use the
-//! node's network (`hostNetwork`) and `KUBERNETES_SERVICE_HOST=127.0.0.1` (chart values that
-//! exist for such clusters). The operator watches the test namespace only (`watchNamespace`,
+//! The image is built (the Dockerfile around the test's own `hangar` binary, stripped, on the
+//! test bed's Debian base) and pushed to the test registry; `helm install` runs all
+//! three components as pods on the real node, with the chart's ServiceAccounts, in the node's
+//! network (`hostNetwork`) with `KUBERNETES_SERVICE_HOST=127.0.0.1`: the chart values for
+//! clusters whose pod network cannot reach the API server (tests/helm_e2e.rs runs the chart
+//! on the pod network). The operator watches the test namespace only (`watchNamespace`,
 //! RBAC as Roles there), so it never touches other tests' Spaces.
 
 mod support;
 
 use std::net::TcpListener;
-use std::path::Path;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use hangar::space::Space;
@@ -23,7 +21,7 @@ use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{Node, Pod};
 use kube::api::{Api, ListParams, Patch, PatchParams};
 use serde_json::json;
-use support::{TestEnv, TestNamespace, http_client, repo_root, run, run_ok, wait_for};
+use support::{TestNamespace, http_client, repo_root, run, run_ok, wait_for};
 
 /// The chart ships the CRD `hangar crd` generates: its copy must match `crds/space.yaml`.
 #[test]
@@ -41,46 +39,6 @@ fn the_charts_crd_is_the_generated_one() {
 
 fn free_port() -> u16 {
     TcpListener::bind("0.0.0.0:0").expect("bind").local_addr().expect("addr").port()
-}
-
-/// Debian's docker client (20.10): it has BuildKit built in (the newer client first on PATH
-/// needs the buildx plugin, which is not installed). The Dockerfile's unused `build` stage
-/// (a Rust image) is skipped only by BuildKit.
-fn buildkit_docker(env: &TestEnv) -> Command {
-    let client = Path::new("/usr/bin/docker");
-    assert!(client.is_file(), "Debian's docker client /usr/bin/docker is missing: run `scripts/testenv install`");
-    let mut c = Command::new(client);
-    c.env("DOCKER_HOST", &env.docker_host).env("DOCKER_BUILDKIT", "1");
-    c
-}
-
-/// Builds the hangar image from the Dockerfile and pushes it; returns (reference, size in bytes).
-fn build_and_push_image(env: &TestEnv, tag: &str) -> (String, u64) {
-    let context = tempfile::tempdir().expect("tempdir");
-    std::fs::copy(repo_root().join("Dockerfile"), context.path().join("Dockerfile")).expect("copy Dockerfile");
-    let binary = context.path().join("hangar");
-    std::fs::copy(env!("CARGO_BIN_EXE_hangar"), &binary).expect("copy binary");
-    run_ok(Command::new("strip").arg(&binary));
-    let image = format!("{}/hangar:{tag}", env.registry);
-    let started = Instant::now();
-    run_ok(
-        buildkit_docker(env)
-            .args(["build", "-q", "-t", &image])
-            .args(["--build-arg", "BINARY_FROM=prebuilt", "--build-arg", "HANGAR_BINARY=hangar"])
-            .arg("--build-arg")
-            .arg(format!("BASE_IMAGE={}", env.python_image))
-            .arg(context.path()),
-    );
-    eprintln!("hangar image {image} built in {:.1}s", started.elapsed().as_secs_f64());
-    // The image runs on its own (loader and libraries are all in it).
-    let version = run_ok(env.docker().args(["run", "--rm", &image, "--version"]));
-    assert!(version.starts_with("hangar "), "{version}");
-    let size: u64 =
-        run_ok(env.docker().args(["image", "inspect", "-f", "{{.Size}}", &image])).trim().parse().expect("image size");
-    let started = Instant::now();
-    run_ok(env.docker().args(["push", "-q", &image]));
-    eprintln!("pushed in {:.1}s", started.elapsed().as_secs_f64());
-    (image, size)
 }
 
 /// `kubectl auth can-i` as a ServiceAccount: true when allowed. `resource` may name a
@@ -138,6 +96,7 @@ async fn helm_install_runs_hangar_with_the_charts_rbac_and_uninstall_leaves_noth
         ("proxy.port=0", "port"),
         ("operator.leaderElection=false,operator.replicas=2", "leaderElection"),
         ("nodeAgent.freezeAfter.cpu=soon", "freezeAfter"),
+        ("operator.builder.dockerSocketGroup=docker", "dockerSocketGroup"),
     ] {
         let err = support::run_fails(helm().args(["template", "bad"]).arg(&chart).args(["--set", bad]));
         assert!(err.contains(why), "--set {bad}: {err}");
@@ -180,7 +139,7 @@ async fn helm_install_runs_hangar_with_the_charts_rbac_and_uninstall_leaves_noth
     assert!(dry.contains("(server dry run)"), "{dry}");
 
     // The image.
-    let (image, image_size) = build_and_push_image(&env, &ns.name);
+    let (image, _) = support::image::build_and_push_hangar(&env, &ns.name);
     let (repository, tag) = image.rsplit_once(':').expect("image tag");
 
     // Install: all three components on the real node, watching this namespace.
@@ -447,7 +406,6 @@ async fn helm_install_runs_hangar_with_the_charts_rbac_and_uninstall_leaves_noth
     .await;
     eprintln!("helm uninstall -> pods gone: {:.1}s", uninstalled.elapsed().as_secs_f64());
     let _ = env.docker().args(["rmi", &image]).output();
-    eprintln!("hangar image: {:.1} MB", image_size as f64 / 1e6);
 }
 
 /// The default mode (`watchNamespace` empty): ClusterRoles, so the components serve Spaces in

@@ -13,6 +13,8 @@
 
 pub mod chart;
 pub mod floor;
+pub mod gradio;
+pub mod image;
 pub mod operator;
 pub mod process;
 pub mod repo;
