@@ -307,6 +307,46 @@ async fn symlinks_out_of_the_repository_fail_the_build_by_name_and_reach_no_imag
     assert!(body.contains(&marker), "{body}");
 }
 
+/// Issue 18: the admin picks the network of the builds' RUN steps. By default
+/// a step has the engine's bridge (it needs the package index and registries);
+/// with `build_network = none` it has loopback only.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_build_network_is_the_admins_choice() {
+    let env = TestEnv::engine();
+    let ns = unique_name("net");
+    let mut interfaces = Vec::new();
+    for network in [None, Some("none")] {
+        let marker = unique_name("ifaces");
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::write(dir.path().join("README.md"), "---\nsdk: docker\n---\n").expect("write");
+        let probe = format!(
+            "import socket; print('{marker}', ','.join(sorted(n for _, n in socket.if_nameindex() if n != 'lo') or ['lo-only']))"
+        );
+        std::fs::write(
+            dir.path().join("Dockerfile"),
+            format!("FROM {}\nRUN python3 -c \"{probe}\"\n", env.python_image),
+        )
+        .expect("write");
+        git(dir.path(), &["init", "-q", "-b", "main"]);
+        git(dir.path(), &["add", "-A"]);
+        git(dir.path(), &["commit", "-q", "-m", "probe"]);
+        let mut cfg = config(&env);
+        cfg.build_network = network.map(str::to_owned);
+        let b = Builder::new(cfg).await.expect("builder");
+        let name = format!("probe-{}", network.unwrap_or("default"));
+        ok(b.build(request(&ns, &name, dir.path())).await);
+        let log = b.logs().tail(&format!("{ns}/{name}"), LogKind::Build, 1000);
+        let seen = log
+            .iter()
+            .filter(|l| !l.contains("import socket"))
+            .find_map(|l| l.split_once(&format!("{marker} ")).map(|(_, rest)| rest.trim().to_owned()))
+            .unwrap_or_else(|| panic!("no probe output in the build log: {log:#?}"));
+        interfaces.push(seen);
+    }
+    assert_ne!(interfaces[0], "lo-only", "the default build network has an interface besides loopback");
+    assert_eq!(interfaces[1], "lo-only", "network none: loopback only");
+}
+
 /// A repository whose Dockerfile sleeps `secs` in a RUN step.
 fn sleepy_repo(env: &TestEnv, secs: u32, marker: &str) -> tempfile::TempDir {
     let dir = tempfile::tempdir().expect("tempdir");

@@ -431,7 +431,11 @@ async fn a_broken_space_reports_its_stage_and_the_others_run() {
     std::fs::write(dir.path().join("py312/app.py"), "print('never built')\n").expect("app");
     let mut up = Up::start(&env, dir.path(), &owner, state.path());
     up.wait_line("NO_APP_FILE", Duration::from_secs(120), |l| l.starts_with(&format!("{owner}/noapp: NO_APP_FILE")));
-    let py312 = up.wait_line("py312's stage", Duration::from_secs(120), |l| l.starts_with(&format!("{owner}/py312: ")));
+    let settled = |name: &str| {
+        let prefix = format!("{owner}/{name}: ");
+        move |l: &str| l.starts_with(&prefix) && !l.starts_with(&format!("{prefix}BUILDING"))
+    };
+    let py312 = up.wait_line("py312's stage", Duration::from_secs(120), settled("py312"));
     assert!(
         py312.starts_with(&format!(
             "{owner}/py312: CONFIG_ERROR python_version \"3.12\" is not available here (available: 3.11)"
@@ -439,7 +443,7 @@ async fn a_broken_space_reports_its_stage_and_the_others_run() {
         "{py312}\n{}",
         up.output()
     );
-    let leaky = up.wait_line("leaky's stage", Duration::from_secs(120), |l| l.starts_with(&format!("{owner}/leaky: ")));
+    let leaky = up.wait_line("leaky's stage", Duration::from_secs(120), settled("leaky"));
     assert!(
         leaky.starts_with(&format!("{owner}/leaky: BUILD_ERROR .dockerignore is a symlink to ")),
         "{leaky}\n{}",

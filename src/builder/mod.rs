@@ -115,6 +115,11 @@ pub struct BuilderConfig {
     /// machine setups). Off: only [`source::REMOTE_SCHEMES`], anything else
     /// fails as `CONFIG_ERROR` before git runs.
     pub allow_local_sources: bool,
+    /// Network of the builds' RUN steps: `None`, the engine's default (its
+    /// bridge: whatever the engine's host reaches, which a build needs for
+    /// the package index and registries); `none` (no network: only Spaces
+    /// that fetch nothing build); `host`. See the README's builds section.
+    pub build_network: Option<String>,
 }
 
 impl BuilderConfig {
@@ -139,6 +144,7 @@ impl BuilderConfig {
             timeout: Duration::from_secs(30 * 60),
             work_dir: std::env::temp_dir(),
             allow_local_sources: false,
+            build_network: None,
         }
     }
 }
@@ -322,6 +328,8 @@ impl Builder {
             config.registry_credentials.as_ref(),
         )
         .await?;
+        let mut engine = engine;
+        engine.set_build_network(config.build_network.clone());
         let extra_ca = match &config.extra_ca_file {
             Some(path) => {
                 let bytes = tokio::fs::read(path)

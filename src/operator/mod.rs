@@ -110,6 +110,12 @@ pub struct BuildArgs {
     /// ssh and git URLs only; a Space with another source is a CONFIG_ERROR.
     #[arg(long, env = "HANGAR_ALLOW_LOCAL_GIT")]
     pub allow_local_git: bool,
+    /// Network mode of the builds' RUN steps: unset, the engine's default (its bridge,
+    /// which reaches whatever the engine's host reaches: package indexes, registries,
+    /// and on a cluster node the pod network too); `none` (builds that fetch nothing);
+    /// `host`. BuildKit takes only these.
+    #[arg(long, env = "HANGAR_BUILD_NETWORK")]
+    pub build_network: Option<String>,
 }
 
 /// `--python-images`: `python_version` -> base image.
@@ -130,6 +136,7 @@ impl BuildArgs {
         config.extra_ca_file = self.extra_ca_file.clone();
         config.max_concurrent = self.build_concurrency.max(1);
         config.allow_local_sources = self.allow_local_git;
+        config.build_network = self.build_network.clone().filter(|n| !n.is_empty() && n != "default");
         config.python_images = self.python_images.0.clone();
         config.timeout = crate::space::duration::parse(&self.build_timeout)
             .map_err(|e| crate::Error::Invalid(format!("--build-timeout: {e}")))?;
