@@ -347,6 +347,63 @@ async fn the_build_network_is_the_admins_choice() {
     assert_eq!(interfaces[1], "lo-only", "network none: loopback only");
 }
 
+/// The engine's default bridge gateway (`x.y.0.1` of its subnet): where a
+/// build step reaches this host.
+fn bridge_gateway(env: &TestEnv) -> std::net::Ipv4Addr {
+    let subnet =
+        run_ok(env.docker().args(["network", "inspect", "bridge", "-f", "{{range .IPAM.Config}}{{.Subnet}}{{end}}"]));
+    let net: std::net::Ipv4Addr = subnet.trim().split('/').next().and_then(|a| a.parse().ok()).expect("bridge subnet");
+    std::net::Ipv4Addr::from(u32::from(net) + 1)
+}
+
+/// Issue 18: a build over its time limit ends in BUILD_ERROR saying so, and
+/// the engine really stops its step: the step holds a connection open to
+/// this test, and that connection closes once the build has timed out.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_build_over_its_time_limit_is_stopped_on_the_engine() {
+    use tokio::io::AsyncReadExt;
+    let env = TestEnv::engine();
+    let gateway = bridge_gateway(&env);
+    let listener = tokio::net::TcpListener::bind((gateway, 0)).await.expect("listen on the bridge");
+    let port = listener.local_addr().expect("addr").port();
+    let marker = unique_name("held");
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::write(dir.path().join("README.md"), "---\nsdk: docker\n---\n").expect("write");
+    let step = format!(
+        "import socket, time; s = socket.create_connection(('{gateway}', {port})); s.sendall(b'{marker}'); time.sleep(600)"
+    );
+    std::fs::write(dir.path().join("Dockerfile"), format!("FROM {}\nRUN python3 -c \"{step}\"\n", env.python_image))
+        .expect("write");
+    git(dir.path(), &["init", "-q", "-b", "main"]);
+    git(dir.path(), &["add", "-A"]);
+    git(dir.path(), &["commit", "-q", "-m", "held"]);
+    let mut cfg = config(&env);
+    cfg.timeout = Duration::from_secs(20);
+    let b = Builder::new(cfg).await.expect("builder");
+    let ns = unique_name("slow");
+    let build = tokio::spawn({
+        let b = b.clone();
+        let req = request(&ns, "held", dir.path());
+        async move { b.build(req).await }
+    });
+    let (mut conn, _) = tokio::time::timeout(Duration::from_secs(120), listener.accept())
+        .await
+        .expect("the build step connects")
+        .expect("accept");
+    let mut hello = vec![0u8; marker.len()];
+    conn.read_exact(&mut hello).await.expect("the step's hello");
+    assert_eq!(hello, marker.as_bytes());
+    let f = build.await.expect("task").expect_err("over the limit");
+    assert_eq!((f.stage, f.kind), (Stage::BuildError, FailureKind::Timeout), "{}", f.message);
+    assert!(f.message.contains("timed out after 20s"), "{}", f.message);
+    // The step is killed with the build: its connection ends (EOF or reset), long before its 600 s sleep.
+    let mut rest = [0u8; 16];
+    let closed = tokio::time::timeout(Duration::from_secs(120), conn.read(&mut rest))
+        .await
+        .expect("the engine stopped the build step (its connection closed)");
+    assert!(matches!(closed, Ok(0) | Err(_)), "{closed:?}");
+}
+
 /// A repository whose Dockerfile sleeps `secs` in a RUN step.
 fn sleepy_repo(env: &TestEnv, secs: u32, marker: &str) -> tempfile::TempDir {
     let dir = tempfile::tempdir().expect("tempdir");

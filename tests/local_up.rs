@@ -116,8 +116,9 @@ impl Up {
 
     /// The path URL printed for Space `id` (`owner/name`), after its host URL.
     fn path_url(&self, id: &str) -> String {
-        let lines = self.lines.lock().expect("lines");
-        let line = lines.iter().find(|l| l.starts_with(&format!("  {id} "))).map(String::as_str).unwrap_or_default();
+        // A copy: the guard must be gone before a panic (Drop prints the lines).
+        let line = self.lines.lock().expect("lines").iter().find(|l| l.starts_with(&format!("  {id} "))).cloned();
+        let line = line.unwrap_or_default();
         match line.split_whitespace().nth(2) {
             Some(url) if url.starts_with("http://") => url.to_owned(),
             _ => panic!("no path URL printed for {id}: {line:?}"),
