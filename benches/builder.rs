@@ -64,6 +64,7 @@ async fn builds() {
     let registry = need("HANGAR_TEST_REGISTRY");
     let mut cfg = BuilderConfig::new(registry, need("HANGAR_PYTHON_IMAGE"), need("HANGAR_STATIC_IMAGE"));
     cfg.docker_host = Some(need("DOCKER_HOST"));
+    cfg.allow_local_sources = true;
     let builder = Builder::new(cfg).await.expect("builder");
     let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/spaces/static");
     let mut cold = Vec::new();

@@ -22,6 +22,8 @@ fn config(env: &TestEnv) -> BuilderConfig {
     c.static_server = StaticServer::busybox(&env.static_image);
     c.extra_ca_file = std::env::var("HANGAR_EXTRA_CA_FILE").ok().filter(|s| !s.is_empty()).map(Into::into);
     c.timeout = Duration::from_secs(600);
+    // Fixtures are committed into temp dirs and built from file:// URLs.
+    c.allow_local_sources = true;
     c
 }
 
@@ -263,6 +265,145 @@ async fn broken_builds_missing_app_files_and_bad_front_matter_fail_with_their_st
     assert_eq!((f.stage, f.kind), (Stage::BuildError, FailureKind::Checkout));
 }
 
+/// Issue 18: a Space's symlinks never make the builder read a file outside its
+/// checkout. Each of these links to a file outside the repository and fails the
+/// build by name, with the file's content nowhere (no image, no log, no message);
+/// a symlink within the repository still builds and serves.
+#[tokio::test(flavor = "multi_thread")]
+async fn symlinks_out_of_the_repository_fail_the_build_by_name_and_reach_no_image() {
+    let env = TestEnv::engine();
+    let b = builder(&env).await;
+    let ns = unique_name("mallory");
+    let outside = tempfile::tempdir().expect("tempdir");
+    let secret = unique_name("outside-secret");
+    std::fs::write(outside.path().join("token"), format!("---\nsdk: static\n---\n{secret}\n")).expect("write");
+    for (i, file) in [".dockerignore", "README.md", "style.css"].into_iter().enumerate() {
+        let repo = fixture_repo("static", "x");
+        let _ = std::fs::remove_file(repo.path().join(file));
+        std::os::unix::fs::symlink(outside.path().join("token"), repo.path().join(file)).expect("symlink");
+        git(repo.path(), &["add", "-A"]);
+        git(repo.path(), &["commit", "-q", "-m", "link out"]);
+        let name = format!("leak-{i}");
+        let f = b.build(request(&ns, &name, repo.path())).await.expect_err("a symlink out of the repository");
+        assert_eq!((f.stage, f.kind), (Stage::BuildError, FailureKind::Build), "{file}: {}", f.message);
+        assert!(f.message.starts_with(&format!("{file} is a symlink to ")), "{file}: {}", f.message);
+        assert!(f.message.contains("leaves the repository"), "{}", f.message);
+        let log = b.logs().tail(&format!("{ns}/{name}"), LogKind::Build, 1000).join("\n");
+        assert!(!f.message.contains(&secret) && !log.contains(&secret), "{file}: the outside file was read: {log}");
+        let repository = format!("{}/{ns}/{name}", env.registry);
+        assert_eq!(image_ids(&env, &repository).trim(), "", "{file}: an image was built");
+    }
+
+    // Within the repository a symlink is kept (as git checks it out) and works.
+    let marker = unique_name("inside-link");
+    let repo = fixture_repo("static", &marker);
+    std::os::unix::fs::symlink("index.html", repo.path().join("about.html")).expect("symlink");
+    git(repo.path(), &["add", "-A"]);
+    git(repo.path(), &["commit", "-q", "-m", "link in"]);
+    let out = ok(b.build(request(&ns, "inside", repo.path())).await);
+    let c = Container::run(&env, &["-p", "127.0.0.1::7860", &out.image]);
+    let addr = c.published("7860/tcp");
+    let body = body_when_ok("the linked page", &format!("http://{addr}/about.html"), Duration::from_secs(60)).await;
+    assert!(body.contains(&marker), "{body}");
+}
+
+/// Issue 18: the admin picks the network of the builds' RUN steps. By default
+/// a step has the engine's bridge (it needs the package index and registries);
+/// with `build_network = none` it has loopback only.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_build_network_is_the_admins_choice() {
+    let env = TestEnv::engine();
+    let ns = unique_name("net");
+    let mut interfaces = Vec::new();
+    for network in [None, Some("none")] {
+        let marker = unique_name("ifaces");
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::write(dir.path().join("README.md"), "---\nsdk: docker\n---\n").expect("write");
+        let probe = format!(
+            "import socket; print('{marker}', ','.join(sorted(n for _, n in socket.if_nameindex() if n != 'lo') or ['lo-only']))"
+        );
+        std::fs::write(
+            dir.path().join("Dockerfile"),
+            format!("FROM {}\nRUN python3 -c \"{probe}\"\n", env.python_image),
+        )
+        .expect("write");
+        git(dir.path(), &["init", "-q", "-b", "main"]);
+        git(dir.path(), &["add", "-A"]);
+        git(dir.path(), &["commit", "-q", "-m", "probe"]);
+        let mut cfg = config(&env);
+        cfg.build_network = network.map(str::to_owned);
+        let b = Builder::new(cfg).await.expect("builder");
+        let name = format!("probe-{}", network.unwrap_or("default"));
+        ok(b.build(request(&ns, &name, dir.path())).await);
+        let log = b.logs().tail(&format!("{ns}/{name}"), LogKind::Build, 1000);
+        let seen = log
+            .iter()
+            .filter(|l| !l.contains("import socket"))
+            .find_map(|l| l.split_once(&format!("{marker} ")).map(|(_, rest)| rest.trim().to_owned()))
+            .unwrap_or_else(|| panic!("no probe output in the build log: {log:#?}"));
+        interfaces.push(seen);
+    }
+    assert_ne!(interfaces[0], "lo-only", "the default build network has an interface besides loopback");
+    assert_eq!(interfaces[1], "lo-only", "network none: loopback only");
+}
+
+/// The engine's default bridge gateway (`x.y.0.1` of its subnet): where a
+/// build step reaches this host.
+fn bridge_gateway(env: &TestEnv) -> std::net::Ipv4Addr {
+    let subnet =
+        run_ok(env.docker().args(["network", "inspect", "bridge", "-f", "{{range .IPAM.Config}}{{.Subnet}}{{end}}"]));
+    let net: std::net::Ipv4Addr = subnet.trim().split('/').next().and_then(|a| a.parse().ok()).expect("bridge subnet");
+    std::net::Ipv4Addr::from(u32::from(net) + 1)
+}
+
+/// Issue 18: a build over its time limit ends in BUILD_ERROR saying so, and
+/// the engine really stops its step: the step holds a connection open to
+/// this test, and that connection closes once the build has timed out.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_build_over_its_time_limit_is_stopped_on_the_engine() {
+    use tokio::io::AsyncReadExt;
+    let env = TestEnv::engine();
+    let gateway = bridge_gateway(&env);
+    let listener = tokio::net::TcpListener::bind((gateway, 0)).await.expect("listen on the bridge");
+    let port = listener.local_addr().expect("addr").port();
+    let marker = unique_name("held");
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::write(dir.path().join("README.md"), "---\nsdk: docker\n---\n").expect("write");
+    let step = format!(
+        "import socket, time; s = socket.create_connection(('{gateway}', {port})); s.sendall(b'{marker}'); time.sleep(600)"
+    );
+    std::fs::write(dir.path().join("Dockerfile"), format!("FROM {}\nRUN python3 -c \"{step}\"\n", env.python_image))
+        .expect("write");
+    git(dir.path(), &["init", "-q", "-b", "main"]);
+    git(dir.path(), &["add", "-A"]);
+    git(dir.path(), &["commit", "-q", "-m", "held"]);
+    let mut cfg = config(&env);
+    cfg.timeout = Duration::from_secs(20);
+    let b = Builder::new(cfg).await.expect("builder");
+    let ns = unique_name("slow");
+    let build = tokio::spawn({
+        let b = b.clone();
+        let req = request(&ns, "held", dir.path());
+        async move { b.build(req).await }
+    });
+    let (mut conn, _) = tokio::time::timeout(Duration::from_secs(120), listener.accept())
+        .await
+        .expect("the build step connects")
+        .expect("accept");
+    let mut hello = vec![0u8; marker.len()];
+    conn.read_exact(&mut hello).await.expect("the step's hello");
+    assert_eq!(hello, marker.as_bytes());
+    let f = build.await.expect("task").expect_err("over the limit");
+    assert_eq!((f.stage, f.kind), (Stage::BuildError, FailureKind::Timeout), "{}", f.message);
+    assert!(f.message.contains("timed out after 20s"), "{}", f.message);
+    // The step is killed with the build: its connection ends (EOF or reset), long before its 600 s sleep.
+    let mut rest = [0u8; 16];
+    let closed = tokio::time::timeout(Duration::from_secs(120), conn.read(&mut rest))
+        .await
+        .expect("the engine stopped the build step (its connection closed)");
+    assert!(matches!(closed, Ok(0) | Err(_)), "{closed:?}");
+}
+
 /// A repository whose Dockerfile sleeps `secs` in a RUN step.
 fn sleepy_repo(env: &TestEnv, secs: u32, marker: &str) -> tempfile::TempDir {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -431,6 +572,46 @@ async fn gradio_space_builds_and_serves_a_gradio_app() {
     let (_c, body) = serve(&env, &out.image, 7860).await;
     assert!(body.contains("gradio"), "{}", &body[..body.len().min(2000)]);
     assert!(body.contains("hangar gradio fixture"), "{}", &body[..body.len().min(2000)]);
+}
+
+/// Issue 24: a Gradio Space's app may `import spaces` (the hub's ZeroGPU
+/// helper) and decorate with `@spaces.GPU`, `@spaces.GPU()` and
+/// `@spaces.GPU(duration=...)`: the generated image has a no-op stand-in.
+/// The app is a plain HTTP server (the generated Gradio Dockerfile, same
+/// pinned gradio as the fixture, so its pip layer is cached).
+#[tokio::test(flavor = "multi_thread")]
+async fn gradio_images_let_apps_import_spaces_and_use_its_gpu_decorator() {
+    let env = TestEnv::engine();
+    let b = builder(&env).await;
+    let ns = unique_name("zero");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let readme = std::fs::read_to_string(support::repo_root().join("tests/fixtures/spaces/gradio/README.md"))
+        .expect("fixture README");
+    std::fs::write(dir.path().join("README.md"), readme).expect("write");
+    std::fs::write(
+        dir.path().join("app.py"),
+        "import http.server\nimport spaces\n\n\
+         @spaces.GPU\ndef plain():\n    return 'plain'\n\n\
+         @spaces.GPU(duration=120)\ndef timed():\n    return 'timed'\n\n\
+         @spaces.GPU()\ndef called():\n    return 'called'\n\n\
+         assert spaces.gradio_auto_wrap(plain) is plain\n\
+         BODY = f'{plain()} {timed()} {called()} from {spaces.__file__}'.encode()\n\n\
+         class Handler(http.server.BaseHTTPRequestHandler):\n\
+         \x20   def do_GET(self):\n\
+         \x20       self.send_response(200)\n\
+         \x20       self.end_headers()\n\
+         \x20       self.wfile.write(BODY)\n\n\
+         http.server.HTTPServer(('0.0.0.0', 7860), Handler).serve_forever()\n",
+    )
+    .expect("write");
+    git(dir.path(), &["init", "-q", "-b", "main"]);
+    git(dir.path(), &["add", "-A"]);
+    git(dir.path(), &["commit", "-q", "-m", "zero"]);
+    let t0 = Instant::now();
+    let out = ok(b.build(request(&ns, "zero", dir.path())).await);
+    eprintln!("gradio build with the spaces stand-in: {:?}", t0.elapsed());
+    let (_c, body) = serve(&env, &out.image, 7860).await;
+    assert_eq!(body, "plain timed called from /usr/local/lib/hangar-shims/spaces/__init__.py");
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -114,6 +114,17 @@ impl Up {
             .collect()
     }
 
+    /// The path URL printed for Space `id` (`owner/name`), after its host URL.
+    fn path_url(&self, id: &str) -> String {
+        // A copy: the guard must be gone before a panic (Drop prints the lines).
+        let line = self.lines.lock().expect("lines").iter().find(|l| l.starts_with(&format!("  {id} "))).cloned();
+        let line = line.unwrap_or_default();
+        match line.split_whitespace().nth(2) {
+            Some(url) if url.starts_with("http://") => url.to_owned(),
+            _ => panic!("no path URL printed for {id}: {line:?}"),
+        }
+    }
+
     /// A client that resolves the printed `*.localhost` host names to the proxy.
     fn client(&self, hosts: &[&str]) -> reqwest::Client {
         let mut b = reqwest::Client::builder().no_proxy().timeout(Duration::from_secs(120));
@@ -391,7 +402,10 @@ async fn sleeps_wakes_and_a_restart_adopts_the_running_container() {
 }
 
 /// A Space that cannot build shows its stage in `hangar ls` and in the proxy's
-/// answer, while the other Spaces run.
+/// answer, while the other Spaces run. A Space folder whose `.dockerignore`
+/// and app file link to a file outside it is a BUILD_ERROR naming the file,
+/// and that file is served by no one (issue 18). The printed path URL is
+/// reached by clients that resolve no `*.localhost` names (issue 24).
 #[tokio::test(flavor = "multi_thread")]
 async fn a_broken_space_reports_its_stage_and_the_others_run() {
     let env = TestEnv::engine();
@@ -402,10 +416,60 @@ async fn a_broken_space_reports_its_stage_and_the_others_run() {
     copy_dir(&examples().join("static-site"), &dir.path().join("fine"));
     std::fs::create_dir_all(dir.path().join("noapp")).expect("mkdir");
     std::fs::write(dir.path().join("noapp/README.md"), "---\nsdk: gradio\n---\nno app.py here\n").expect("readme");
+    // The issue's reproduction: a static Space whose .dockerignore links out of its folder.
+    let outside = tempfile::tempdir().expect("outside");
+    let secret = unique_name("outside-secret");
+    std::fs::write(outside.path().join("secret.txt"), &secret).expect("secret");
+    copy_dir(&examples().join("static-site"), &dir.path().join("leaky"));
+    std::os::unix::fs::symlink(outside.path().join("secret.txt"), dir.path().join("leaky/.dockerignore"))
+        .expect("symlink");
+    std::os::unix::fs::symlink(outside.path().join("secret.txt"), dir.path().join("leaky/secret.html"))
+        .expect("symlink");
+    // A Python version this machine has no base image for (issue 24).
+    std::fs::create_dir_all(dir.path().join("py312")).expect("mkdir");
+    std::fs::write(dir.path().join("py312/README.md"), "---\nsdk: gradio\npython_version: \"3.12\"\n---\n")
+        .expect("readme");
+    std::fs::write(dir.path().join("py312/app.py"), "print('never built')\n").expect("app");
     let mut up = Up::start(&env, dir.path(), &owner, state.path());
     up.wait_line("NO_APP_FILE", Duration::from_secs(120), |l| l.starts_with(&format!("{owner}/noapp: NO_APP_FILE")));
+    let settled = |name: &str| {
+        let prefix = format!("{owner}/{name}: ");
+        move |l: &str| l.starts_with(&prefix) && !l.starts_with(&format!("{prefix}BUILDING"))
+    };
+    let py312 = up.wait_line("py312's stage", Duration::from_secs(120), settled("py312"));
+    assert!(
+        py312.starts_with(&format!(
+            "{owner}/py312: CONFIG_ERROR python_version \"3.12\" is not available here (available: 3.11)"
+        )),
+        "{py312}\n{}",
+        up.output()
+    );
+    let leaky = up.wait_line("leaky's stage", Duration::from_secs(120), settled("leaky"));
+    assert!(
+        leaky.starts_with(&format!("{owner}/leaky: BUILD_ERROR .dockerignore is a symlink to ")),
+        "{leaky}\n{}",
+        up.output()
+    );
     up.wait_line("fine RUNNING", Duration::from_secs(120), |l| l.starts_with(&format!("{owner}/fine: RUNNING")));
     let urls = up.urls();
+    // The path URL, as printed, with a client that resolves names the ordinary way.
+    let path_url = up.path_url(&format!("{owner}/fine"));
+    assert_eq!(path_url, format!("http://{}/spaces/{owner}/fine/", up.addr));
+    let plain = reqwest::Client::builder().no_proxy().build().expect("client");
+    let body = plain.get(&path_url).send().await.expect("path URL").text().await.expect("body");
+    assert!(body.contains("hangar-example-static"), "{body}");
+    let leaky_url = up.path_url(&format!("{owner}/leaky"));
+    for path in [".dockerignore", "secret.html"] {
+        let resp = plain.get(format!("{leaky_url}{path}")).send().await.expect("answer");
+        let status = resp.status();
+        assert!(!resp.text().await.expect("body").contains(&secret), "{path} served the outside file ({status})");
+    }
+    // Python's httpx (what gradio_client uses) on the printed URL, when the test bed has it.
+    if let Ok(python) = std::env::var("HANGAR_GRADIO_CLIENT_PYTHON") {
+        let code = "import sys, httpx; r = httpx.get(sys.argv[1]); r.raise_for_status(); print(r.text)";
+        let out = run_ok(Command::new(python).args(["-c", code, &path_url]));
+        assert!(out.contains("hangar-example-static"), "{out}");
+    }
     let client = up.client(&urls.iter().map(|(_, u)| host_of(u)).collect::<Vec<_>>());
     let broken = &urls.iter().find(|(i, _)| i.ends_with("/noapp")).expect("noapp URL").1;
     let resp = client.get(broken).send().await.expect("answer");

@@ -149,6 +149,33 @@ async fn broken_repositories_end_in_a_status_that_says_why() {
     assert!(noapp.annotations().get(HEAD_SHA_ANNOTATION).is_none());
 }
 
+/// Issue 18: an operator as the chart runs it (no `--allow-local-git`) refuses
+/// a Space whose source is a `file://` URL or a path on its own machine: a
+/// CONFIG_ERROR that says which URLs it builds, and nothing is fetched.
+#[tokio::test]
+async fn local_git_sources_are_refused_unless_the_admin_allows_them() {
+    let ns = TestNamespace::new("op-local-git", &["kube-controller-manager"]).await;
+    ns.install_crd().await;
+    let builder: Vec<String> =
+        support::operator::builder_args(&ns.env).into_iter().filter(|a| a != "--allow-local-git").collect();
+    let args: Vec<&str> = builder.iter().map(String::as_str).collect();
+    let _operator = Operator::start(&ns, MAPPING, &args);
+    let spaces: Api<Space> = ns.api();
+    let repo = fixture_repo("static", "x");
+    spaces.create(&PostParams::default(), &source_space("by-url", repo.path(), &[])).await.expect("create");
+    let mut by_path = source_space("by-path", repo.path(), &[]);
+    if let Some(source) = by_path.spec.source.as_mut() {
+        source.git = repo.path().display().to_string();
+    }
+    spaces.create(&PostParams::default(), &by_path).await.expect("create");
+    for name in ["by-url", "by-path"] {
+        let refused = wait_stage(&spaces, name, Stage::ConfigError, Duration::from_secs(120)).await;
+        let message = refused.status.clone().and_then(|s| s.message).unwrap_or_default();
+        assert!(message.contains("is not a remote repository") && message.contains("https://"), "{name}: {message}");
+        assert!(refused.annotations().get(HEAD_SHA_ANNOTATION).is_none(), "{name}: nothing was fetched");
+    }
+}
+
 /// Reads `url`'s SSE stream until `done` holds for the events' `data` so far;
 /// every event must be `data: {"data": ..., "timestamp": ...}`.
 async fn sse_until(url: &str, timeout: Duration, done: impl Fn(&[String]) -> bool) -> Vec<String> {

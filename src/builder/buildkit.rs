@@ -224,6 +224,8 @@ pub struct BuildSpec<'a> {
     pub tag: &'a str,
     pub build_args: &'a HashMap<String, String>,
     pub labels: &'a HashMap<String, String>,
+    /// `networkmode` of the build's RUN steps (`none`, `host`; `None`: the engine's default).
+    pub network: Option<&'a str>,
 }
 
 /// One line of the engine's `/build` output stream.
@@ -262,6 +264,7 @@ pub async fn build(
         ("labels", &json(spec.labels)),
         ("rm", "1"),
         ("forcerm", "1"),
+        ("networkmode", spec.network.unwrap_or("default")),
     ])
     .map_err(|e| fail(format!("build options: {e}")))?;
     let file = tokio::fs::File::open(spec.context_tar)

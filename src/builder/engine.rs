@@ -67,6 +67,8 @@ pub struct Engine {
     api: String,
     /// `Err(why)`: the engine has no BuildKit sessions; builds are classic.
     buildkit: Result<(), String>,
+    /// `networkmode` of builds; `None`: the engine's default (its bridge).
+    build_network: Option<String>,
 }
 
 impl Engine {
@@ -105,7 +107,13 @@ impl Engine {
         let api = format!("{}.{}", version.major_version, version.minor_version);
         // A session opened and dropped at once: proof the engine speaks BuildKit.
         let buildkit = Session::open(&addr, &api, HashMap::new()).await.map(drop);
-        Ok(Self { docker, credentials, addr, api, buildkit })
+        Ok(Self { docker, credentials, addr, api, buildkit, build_network: None })
+    }
+
+    /// Runs the RUN steps of builds in network mode `mode` (`none`, `host`, or
+    /// for the classic builder a network name; `None`: the engine's default).
+    pub fn set_build_network(&mut self, mode: Option<String>) {
+        self.build_network = mode;
     }
 
     /// `Ok`: builds run on the engine's BuildKit; `Err(why)`: classic builder.
@@ -154,7 +162,8 @@ impl Engine {
         let session = Session::open(&self.addr, &self.api, values)
             .await
             .map_err(|e| StepFailure { step: None, message: format!("cannot open a BuildKit session: {e}") })?;
-        let spec = BuildSpec { context_tar, dockerfile, tag, build_args, labels };
+        let spec =
+            BuildSpec { context_tar, dockerfile, tag, build_args, labels, network: self.build_network.as_deref() };
         buildkit::build(&self.addr, &self.api, &session, &spec, on_line).await
     }
 
@@ -177,6 +186,7 @@ impl Engine {
             .labels(labels)
             .rm(true)
             .forcerm(true)
+            .networkmode(self.build_network.as_deref().unwrap_or("default"))
             .version(BuilderVersion::BuilderV1)
             .build();
         let body = bollard::body_try_stream(ReaderStream::new(file));

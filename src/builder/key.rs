@@ -73,6 +73,7 @@ mod tests {
         };
         let settings = PlanSettings {
             python_base_image: "py:{python_version}".into(),
+            python_images: Default::default(),
             static_server: StaticServer::busybox("st:1"),
             extra_ca: false,
             buildkit: true,

@@ -27,7 +27,8 @@
 //! ```
 //!
 //! * Checkout: the git CLI (see [`source`] for why), shallow at the revision
-//!   (branch, tag or sha), https with Basic credentials, `file://` or a path.
+//!   (branch, tag or sha), https with Basic credentials; `file://` or a path
+//!   only with [`BuilderConfig::allow_local_sources`] (local mode).
 //! * Plan ([`plan`], pure): the front matter and the spec decide the SDK;
 //!   gradio/streamlit/static get a generated Dockerfile (uid 1000, 0.0.0.0 on
 //!   the app port, pinned `sdk_version`, `requirements.txt`, `packages.txt`,
@@ -57,6 +58,7 @@ pub mod engine;
 pub mod key;
 pub mod logs;
 pub mod plan;
+pub mod repo_tree;
 pub mod source;
 
 use std::collections::{BTreeMap, HashMap};
@@ -95,6 +97,9 @@ pub struct BuilderConfig {
     /// Python base image of gradio/streamlit Spaces; `{python_version}` is
     /// replaced by the Space's (e.g. `python:{python_version}-slim`).
     pub python_base_image: String,
+    /// Base images by `python_version` (see [`PlanSettings::python_images`]);
+    /// empty by default.
+    pub python_images: BTreeMap<String, String>,
     /// Static file server image and how to run it.
     pub static_server: StaticServer,
     /// PEM bundle generated images trust in addition to the base's (for pip
@@ -106,11 +111,21 @@ pub struct BuilderConfig {
     pub timeout: Duration,
     /// Where checkouts and contexts are made (removed after each build).
     pub work_dir: PathBuf,
+    /// Accept `file://` URLs and local paths as sources (local mode, single
+    /// machine setups). Off: only [`source::REMOTE_SCHEMES`], anything else
+    /// fails as `CONFIG_ERROR` before git runs.
+    pub allow_local_sources: bool,
+    /// Network of the builds' RUN steps: `None`, the engine's default (its
+    /// bridge: whatever the engine's host reaches, which a build needs for
+    /// the package index and registries); `none` (no network: only Spaces
+    /// that fetch nothing build); `host`. See the README's builds section.
+    pub build_network: Option<String>,
 }
 
 impl BuilderConfig {
     /// Defaults: `DOCKER_HOST`, no registry login, busybox httpd static
-    /// server, no extra CA, 2 concurrent builds, 30 min limit, the system temp dir.
+    /// server, no extra CA, 2 concurrent builds, 30 min limit, the system temp
+    /// dir, remote sources only.
     pub fn new(
         registry: impl Into<String>,
         python_base_image: impl Into<String>,
@@ -122,11 +137,14 @@ impl BuilderConfig {
             push: true,
             registry_credentials: None,
             python_base_image: python_base_image.into(),
+            python_images: BTreeMap::new(),
             static_server: StaticServer::busybox(static_image),
             extra_ca_file: None,
             max_concurrent: 2,
             timeout: Duration::from_secs(30 * 60),
             work_dir: std::env::temp_dir(),
+            allow_local_sources: false,
+            build_network: None,
         }
     }
 }
@@ -252,6 +270,22 @@ impl FailureKind {
     }
 }
 
+/// `3.11=img,3.12=img2` (a CLI/env value) as `python_version` -> image.
+pub fn parse_python_images(text: &str) -> Result<BTreeMap<String, String>, String> {
+    let mut out = BTreeMap::new();
+    for item in text.split(',').map(str::trim).filter(|i| !i.is_empty()) {
+        let (version, image) = item
+            .split_once('=')
+            .map(|(v, i)| (v.trim(), i.trim()))
+            .filter(|(v, i)| !v.is_empty() && !i.is_empty())
+            .ok_or_else(|| format!("{item:?} is not VERSION=IMAGE (e.g. 3.11=python:3.11-slim)"))?;
+        if out.insert(version.to_owned(), image.to_owned()).is_some() {
+            return Err(format!("python_version {version} is given twice"));
+        }
+    }
+    Ok(out)
+}
+
 /// The builder could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum BuilderError {
@@ -294,6 +328,8 @@ impl Builder {
             config.registry_credentials.as_ref(),
         )
         .await?;
+        let mut engine = engine;
+        engine.set_build_network(config.build_network.clone());
         let extra_ca = match &config.extra_ca_file {
             Some(path) => {
                 let bytes = tokio::fs::read(path)
@@ -420,6 +456,9 @@ impl Builder {
         })?;
         let checkout_dir = work.path().join("src");
 
+        if !cfg.allow_local_sources {
+            source::check_remote_url(&req.source.git).map_err(|m| (FailureKind::Config, m))?;
+        }
         log(&format!("[hangar] fetching {} at {}", source::redact_url(&req.source.git), req.source.revision));
         let commit =
             source::checkout(&req.source.git, &req.source.revision, req.git_credentials.as_ref(), &checkout_dir)
@@ -434,9 +473,10 @@ impl Builder {
         let repo = tokio::task::spawn_blocking(move || source::read_repo(&dir))
             .await
             .map_err(|e| (FailureKind::Internal, format!("reading the checkout: {e}")))?
-            .map_err(|e| (FailureKind::Internal, format!("reading the checkout: {e}")))?;
+            .map_err(tree_failure)?;
         let settings = PlanSettings {
             python_base_image: cfg.python_base_image.clone(),
+            python_images: cfg.python_images.clone(),
             static_server: cfg.static_server.clone(),
             extra_ca: self.inner.extra_ca.is_some(),
             buildkit: self.inner.engine.buildkit().is_ok(),
@@ -506,7 +546,7 @@ impl Builder {
         tokio::task::spawn_blocking(move || context::write_context(&dir, &p, ca.as_deref(), &t))
             .await
             .map_err(|e| (FailureKind::Internal, format!("writing the build context: {e}")))?
-            .map_err(|e| (FailureKind::Internal, format!("writing the build context: {e}")))?;
+            .map_err(tree_failure)?;
 
         let build_args: HashMap<String, String> = build_plan.build_args.clone().into_iter().collect();
         let labels: HashMap<String, String> = [
@@ -562,6 +602,32 @@ impl Builder {
     }
 }
 
+/// A checkout that cannot be read: the Space's doing (a symlink out of it, an
+/// oversized README) or the builder's own I/O.
+fn tree_failure(e: repo_tree::TreeError) -> (FailureKind, String) {
+    match e {
+        repo_tree::TreeError::Escape { .. } => (FailureKind::Build, e.to_string()),
+        repo_tree::TreeError::TooLarge { .. } => (FailureKind::Config, e.to_string()),
+        repo_tree::TreeError::Io { .. } => (FailureKind::Internal, format!("reading the checkout: {e}")),
+    }
+}
+
 fn redact(text: &str, secrets: &[String]) -> String {
     secrets.iter().filter(|s| !s.is_empty()).fold(text.to_owned(), |t, s| t.replace(s.as_str(), "***"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn python_images_parse_and_bad_ones_say_why() {
+        let m = parse_python_images(" 3.11=hangar/python:3.11 , 3.12=python:3.12-slim,").expect("valid");
+        assert_eq!(m.get("3.11").map(String::as_str), Some("hangar/python:3.11"));
+        assert_eq!(m.get("3.12").map(String::as_str), Some("python:3.12-slim"));
+        assert!(parse_python_images("").expect("empty").is_empty());
+        assert!(parse_python_images("3.11").expect_err("no image").contains("VERSION=IMAGE"));
+        assert!(parse_python_images("=x").is_err());
+        assert!(parse_python_images("3.11=a,3.11=b").expect_err("twice").contains("twice"));
+    }
 }

@@ -45,6 +45,12 @@ pub struct PlanSettings {
     /// (e.g. `python:{python_version}-slim`). Without the placeholder every
     /// Space gets this one image.
     pub python_base_image: String,
+    /// Base images by `python_version` (`"3.11"` -> image). A Space that
+    /// sets a version gets its entry here; a version missing here is a
+    /// `CONFIG_ERROR` naming those available, unless `python_base_image`
+    /// has the placeholder (then any version is built from it). Empty: every
+    /// Space gets `python_base_image`, as it is.
+    pub python_images: BTreeMap<String, String>,
     pub static_server: StaticServer,
     /// Whether an extra CA bundle is put into the context at [`EXTRA_CA_PATH`]:
     /// generated images then trust it for pip (corporate TLS proxies).
@@ -147,7 +153,10 @@ pub fn plan(
             let (dockerfile, base_image) = if app_config.sdk == Sdk::Static {
                 static_dockerfile(&app_config, &app_file, settings)
             } else {
-                python_dockerfile(&app_config, &app_file, repo, &build_args, &secrets, settings)
+                let asked =
+                    spec.python_version.as_deref().or(front_matter.as_ref().and_then(|f| f.python_version.as_deref()));
+                let base = python_base(settings, asked, &app_config.python_version).map_err(PlanError::Config)?;
+                python_dockerfile(&app_config, &base, &app_file, repo, &build_args, &secrets, settings)
             };
             let mut dockerignore = repo.dockerignore.clone().unwrap_or_default();
             if !dockerignore.is_empty() && !dockerignore.ends_with('\n') {
@@ -204,8 +213,23 @@ fn exec_form(args: &[String]) -> String {
     format!("[{}]", parts.join(", "))
 }
 
-fn python_base(settings: &PlanSettings, version: &str) -> String {
-    settings.python_base_image.replace("{python_version}", version)
+/// The base image of a Python Space that asked for `asked` (its
+/// `python_version`, if it set one; `default` otherwise).
+fn python_base(settings: &PlanSettings, asked: Option<&str>, default: &str) -> Result<String, String> {
+    let template = &settings.python_base_image;
+    match asked {
+        Some(v) if settings.python_images.contains_key(v) => Ok(settings.python_images[v].clone()),
+        Some(v) if !settings.python_images.is_empty() && !template.contains("{python_version}") => {
+            let available: Vec<&str> = settings.python_images.keys().map(String::as_str).collect();
+            Err(format!(
+                "python_version {v:?} is not available here (available: {}); set one of those, \
+                 or leave python_version out for the default image",
+                available.join(", ")
+            ))
+        }
+        Some(v) => Ok(template.replace("{python_version}", v)),
+        None => Ok(template.replace("{python_version}", default)),
+    }
 }
 
 /// The CA setup lines: the extra bundle appended to the system one, and the
@@ -246,13 +270,13 @@ fn run_with_secrets(secrets: &BTreeSet<String>, command: &str) -> String {
 
 fn python_dockerfile(
     cfg: &AppConfig,
+    base: &str,
     app_file: &str,
     repo: &RepoView,
     build_args: &BTreeMap<String, String>,
     secrets: &BTreeSet<String>,
     settings: &PlanSettings,
 ) -> (String, String) {
-    let base = python_base(settings, &cfg.python_version);
     let port = cfg.app_port;
     let package = match cfg.sdk {
         Sdk::Streamlit => "streamlit",
@@ -286,6 +310,7 @@ fn python_dockerfile(
         d.push_str("COPY requirements.txt /tmp/hangar-requirements.txt\n");
         d.push_str(&run_with_secrets(secrets, "python3 -m pip install -r /tmp/hangar-requirements.txt"));
     }
+    d.push_str(&spaces_shim());
     // The hub runs apps as uid 1000 with a writable home.
     d.push_str(&format!(
         "RUN (getent passwd {APP_UID} >/dev/null || useradd -m -u {APP_UID} user 2>/dev/null \
@@ -317,7 +342,7 @@ fn python_dockerfile(
     };
     d.push_str(&format!("EXPOSE {port}\n"));
     d.push_str(&format!("CMD {}\n", exec_form(&cmd)));
-    (d, base)
+    (d, base.to_owned())
 }
 
 fn static_dockerfile(cfg: &AppConfig, app_file: &str, settings: &PlanSettings) -> (String, String) {
@@ -338,6 +363,46 @@ fn static_dockerfile(cfg: &AppConfig, app_file: &str, settings: &PlanSettings) -
     d.push_str(&format!("EXPOSE {port}\n"));
     d.push_str(&format!("CMD {}\n", exec_form(&cmd)));
     (d, server.image.clone())
+}
+
+/// Where the `spaces` stand-in lives in generated Python images.
+pub const SHIM_DIR: &str = "/usr/local/lib/hangar-shims";
+
+/// A no-op stand-in for the hub's `spaces` package: apps that
+/// `import spaces` for `@spaces.GPU` / `@spaces.GPU(duration=...)` (ZeroGPU,
+/// which hangar does not have) run their functions as they are. No blank
+/// lines (each line is one shell word).
+const SPACES_SHIM: &str = r#""""A stand-in for the Hugging Face `spaces` package, made by hangar.
+hangar has no ZeroGPU: @spaces.GPU runs the function as it is, on whatever
+GPU the hardware of the Space gives. A real `spaces` package, if installed,
+is found first: this directory comes last on sys.path.
+"""
+__all__ = ["GPU", "gradio_auto_wrap"]
+def GPU(*args, **kwargs):
+    """@spaces.GPU, @spaces.GPU() and @spaces.GPU(duration=...): the function unchanged."""
+    if len(args) == 1 and not kwargs and callable(args[0]):
+        return args[0]
+    def decorate(fn):
+        return fn
+    return decorate
+def gradio_auto_wrap(fn):
+    """Gradio wraps every event function with this when SPACE_ID is set."""
+    return fn
+"#;
+
+/// The `RUN` that installs [`SPACES_SHIM`] in [`SHIM_DIR`], put on `sys.path`
+/// by a `.pth` file: `.pth` directories go after site-packages, so a real
+/// `spaces` wins. It carries no package metadata, so Gradio's Spaces
+/// hot-reload (which asks for `spaces>=0.43` and its reload server) stays
+/// off, as without any `spaces`.
+fn spaces_shim() -> String {
+    let lines: Vec<String> = SPACES_SHIM.lines().map(shell_quote).collect();
+    format!(
+        "RUN mkdir -p {SHIM_DIR}/spaces && printf '%s\\n' {} > {SHIM_DIR}/spaces/__init__.py \\\n    \
+         && python3 -c 'import os, site; d = site.getsitepackages()[0]; os.makedirs(d, exist_ok=True); \
+         open(os.path.join(d, \"hangar-shims.pth\"), \"w\").write(\"{SHIM_DIR}\\n\")'\n",
+        lines.join(" ")
+    )
 }
 
 /// Single-quotes a word for /bin/sh.
@@ -365,6 +430,7 @@ mod tests {
     fn settings(extra_ca: bool) -> PlanSettings {
         PlanSettings {
             python_base_image: "python:{python_version}-slim".into(),
+            python_images: BTreeMap::new(),
             static_server: StaticServer::busybox("hangar/static:1"),
             extra_ca,
             buildkit: true,
@@ -508,6 +574,48 @@ mod tests {
         let r = repo("---\nsdk: gradio\npython_version: '3.12'\n---\n", &["app.py"]);
         let p = plan(&spec(), &r, &BTreeMap::new(), &s).expect("plan");
         assert_eq!(p.base_image.as_deref(), Some("hangar/python:3.11"));
+    }
+
+    #[test]
+    fn python_versions_map_to_configured_images_and_others_are_config_errors() {
+        let images: BTreeMap<String, String> =
+            [("3.11", "hangar/python:3.11"), ("3.12", "hangar/python:3.12")].map(|(k, v)| (k.into(), v.into())).into();
+        let s =
+            PlanSettings { python_base_image: "hangar/python:3.11".into(), python_images: images, ..settings(false) };
+        let base = |readme: &str| plan(&spec(), &repo(readme, &["app.py"]), &BTreeMap::new(), &s).map(|p| p.base_image);
+        assert_eq!(base("---\nsdk: gradio\npython_version: '3.12'\n---\n"), Ok(Some("hangar/python:3.12".into())));
+        assert_eq!(base("---\nsdk: gradio\n---\n"), Ok(Some("hangar/python:3.11".into())), "unset: the default");
+        let err = base("---\nsdk: gradio\npython_version: '3.10'\n---\n").expect_err("not available");
+        assert_eq!(
+            err,
+            PlanError::Config(
+                "python_version \"3.10\" is not available here (available: 3.11, 3.12); set one of those, \
+                 or leave python_version out for the default image"
+                    .into()
+            )
+        );
+        // The spec's python_version counts like the front matter's.
+        let sp = SpaceSpec { python_version: Some("3.9".into()), ..spec() };
+        let r = repo("---\nsdk: gradio\n---\n", &["app.py"]);
+        assert!(matches!(plan(&sp, &r, &BTreeMap::new(), &s), Err(PlanError::Config(m)) if m.contains("\"3.9\"")));
+        // A template builds any version; the map still picks its own images.
+        let t = PlanSettings { python_base_image: "python:{python_version}-slim".into(), ..s.clone() };
+        let base = |readme: &str| plan(&spec(), &repo(readme, &["app.py"]), &BTreeMap::new(), &t).map(|p| p.base_image);
+        assert_eq!(base("---\nsdk: gradio\npython_version: '3.10'\n---\n"), Ok(Some("python:3.10-slim".into())));
+        assert_eq!(base("---\nsdk: gradio\npython_version: '3.12'\n---\n"), Ok(Some("hangar/python:3.12".into())));
+    }
+
+    #[test]
+    fn python_images_get_the_spaces_stand_in() {
+        let r = repo("---\nsdk: gradio\n---\n", &["app.py"]);
+        let d = plan(&spec(), &r, &BTreeMap::new(), &settings(false)).expect("plan").dockerfile.expect("generated");
+        let run = d.lines().find(|l| l.contains("hangar-shims/spaces/__init__.py")).expect("the shim is installed");
+        assert!(run.starts_with("RUN mkdir -p /usr/local/lib/hangar-shims/spaces && printf '%s\\n' "), "{run}");
+        assert!(d.contains("def GPU(*args, **kwargs):") && d.contains("hangar-shims.pth"), "{d}");
+        // Before the app is copied in (a layer of its own), after the requirements.
+        assert!(d.find("hangar-shims").expect("shim") < d.find("COPY --chown").expect("copy"), "{d}");
+        let st = plan(&spec(), &repo("---\nsdk: static\n---\n", &["index.html"]), &BTreeMap::new(), &settings(false));
+        assert!(!st.expect("plan").dockerfile.expect("generated").contains("hangar-shims"));
     }
 
     #[test]

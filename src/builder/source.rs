@@ -12,7 +12,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Stdio;
 
 use base64::Engine as _;
@@ -20,6 +20,7 @@ use tokio::process::Command;
 
 use super::key::is_commit_sha;
 use super::plan::RepoView;
+use super::repo_tree::{EntryKind, RepoTree, TreeError};
 
 /// Username and password (or token) for a private repository over https.
 #[derive(Clone, PartialEq, Eq)]
@@ -63,6 +64,27 @@ impl GitCredentials {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{0}")]
 pub struct SourceError(pub String);
+
+/// Schemes a cluster's builder fetches from. A `file://` URL, a plain path
+/// (or scp-like `host:path`) or a `transport::` helper would read the
+/// builder's own disk (or run a command): a Space's owner must not point the
+/// operator at its files.
+pub const REMOTE_SCHEMES: [&str; 4] = ["https", "http", "ssh", "git"];
+
+/// `Err(why)` unless `url` names a remote repository by one of
+/// [`REMOTE_SCHEMES`] (cluster mode; local mode builds folders and paths). Pure.
+pub fn check_remote_url(url: &str) -> Result<(), String> {
+    let scheme = url.split_once("://").map(|(s, _)| s.to_ascii_lowercase());
+    match scheme {
+        Some(s) if REMOTE_SCHEMES.contains(&s.as_str()) => Ok(()),
+        _ => Err(format!(
+            "source.git {:?} is not a remote repository: this cluster builds from {} URLs only \
+             (file:// URLs and local paths are refused)",
+            redact_url(url),
+            REMOTE_SCHEMES.map(|s| format!("{s}://")).join(", ")
+        )),
+    }
+}
 
 /// Fetches `revision` (branch, tag or commit sha) of `url` into the empty or
 /// new directory `dir` and checks it out; returns the resolved commit sha.
@@ -175,40 +197,20 @@ pub fn redact_url(text: &str) -> String {
 }
 
 /// Reads what the build plan needs from a checkout: README.md, the file list
-/// (without `.git`), `.dockerignore`. Blocking: call from `spawn_blocking`.
-pub fn read_repo(root: &Path) -> std::io::Result<RepoView> {
-    let mut files = BTreeSet::new();
-    let mut stack: Vec<PathBuf> = vec![root.to_path_buf()];
-    while let Some(dir) = stack.pop() {
-        for entry in std::fs::read_dir(&dir)? {
-            let entry = entry?;
-            let path = entry.path();
-            let kind = entry.file_type()?;
-            let rel = relative(root, &path);
-            if rel == ".git" {
-                continue;
-            }
-            if kind.is_dir() {
-                stack.push(path);
-            } else {
-                files.insert(rel);
-            }
-        }
-    }
-    let read_opt = |name: &str| -> std::io::Result<Option<String>> {
+/// (without `.git`), `.dockerignore`. Refuses a checkout with a symlink that
+/// leaves it, and reads nothing outside it (see [`super::repo_tree`]).
+/// Blocking: call from `spawn_blocking`.
+pub fn read_repo(root: &Path) -> Result<RepoView, TreeError> {
+    let tree = RepoTree::open(root)?;
+    let files: BTreeSet<String> =
+        tree.walk(&[])?.into_iter().filter(|(_, kind)| *kind != EntryKind::Dir).map(|(rel, _)| rel).collect();
+    let read_opt = |name: &str| -> Result<Option<String>, TreeError> {
         if !files.contains(name) {
             return Ok(None);
         }
-        let bytes = std::fs::read(root.join(name))?;
-        Ok(Some(String::from_utf8_lossy(&bytes).into_owned()))
+        Ok(tree.read(name)?.map(|bytes| String::from_utf8_lossy(&bytes).into_owned()))
     };
     Ok(RepoView { readme: read_opt("README.md")?, dockerignore: read_opt(".dockerignore")?, files })
-}
-
-/// `path` relative to `root`, `/`-separated.
-pub fn relative(root: &Path, path: &Path) -> String {
-    let rel = path.strip_prefix(root).unwrap_or(path);
-    rel.components().map(|c| c.as_os_str().to_string_lossy()).collect::<Vec<_>>().join("/")
 }
 
 #[cfg(test)]
@@ -223,6 +225,19 @@ mod tests {
         );
         assert_eq!(redact_url("file:///tmp/x and https://h/p"), "file:///tmp/x and https://h/p");
         assert_eq!(redact_url("no url"), "no url");
+    }
+
+    #[test]
+    fn only_remote_urls_pass_the_cluster_check() {
+        for ok in ["https://h/r.git", "HTTP://h/r", "ssh://git@h/r", "git://h/r"] {
+            assert_eq!(check_remote_url(ok), Ok(()), "{ok}");
+        }
+        for bad in ["file:///etc", "/var/run/secrets", "../r", "host:path/r.git", "ext::sh -c id", "fd::3", ""] {
+            let e = check_remote_url(bad).expect_err(bad);
+            assert!(e.contains("is not a remote repository") && e.contains("https://"), "{e}");
+        }
+        let e = check_remote_url("file://bob:pw@h/r").expect_err("file");
+        assert!(!e.contains("pw"), "{e}");
     }
 
     #[test]

@@ -17,6 +17,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
+use crate::builder::repo_tree::{RepoTree, TreeError};
 use crate::proxy::SpaceKey;
 use crate::space::{GitSource, Space, SpaceSpec};
 
@@ -89,9 +90,16 @@ pub fn discover(dir: &Path, owner: &str) -> Result<Vec<LocalSpace>, DiscoverErro
 }
 
 /// A folder whose README.md opens with front matter (a README without it is
-/// documentation, like this folder's own).
+/// documentation, like this folder's own). The README is read beneath the
+/// folder only: one that links out of it (or is too large to read) is not
+/// read, and the folder is taken as a Space whose build then says why.
 fn is_space_repo(dir: &Path) -> bool {
-    std::fs::read_to_string(dir.join("README.md")).is_ok_and(|t| t.trim_start_matches('\u{feff}').starts_with("---"))
+    match RepoTree::open(dir).and_then(|t| t.read("README.md")) {
+        Ok(Some(text)) => String::from_utf8_lossy(&text).trim_start_matches('\u{feff}').starts_with("---"),
+        Ok(None) => false,
+        Err(TreeError::Escape { .. } | TreeError::TooLarge { .. }) => true,
+        Err(TreeError::Io { .. }) => false,
+    }
 }
 
 fn folder_space(dir: &Path, owner: &str) -> Result<LocalSpace, DiscoverError> {
@@ -226,6 +234,21 @@ mod tests {
         assert_eq!(spaces[2].origin, Origin::Image("x:1".into()));
         assert_eq!(spaces[3].origin, Origin::Folder(root.join("Static Site")));
         assert!(matches!(&spaces[4].origin, Origin::Git(g) if g.revision == "v1"));
+    }
+
+    #[test]
+    fn a_readme_linking_out_of_its_folder_is_not_read() {
+        let tmp = tempfile::tempdir().expect("tmp");
+        let d = tmp.path().join("spaces");
+        write(&tmp.path().join("outside.md"), "# not front matter: must not decide anything\n");
+        std::fs::create_dir_all(d.join("linked")).expect("mkdir");
+        std::os::unix::fs::symlink(tmp.path().join("outside.md"), d.join("linked/README.md")).expect("symlink");
+        write(&d.join("inside/docs/README.md"), "---\nsdk: static\n---\n");
+        std::os::unix::fs::symlink("docs/README.md", d.join("inside/README.md")).expect("symlink");
+        let spaces = discover(&d, "me").expect("discovers");
+        let keys: Vec<String> = spaces.iter().map(|s| s.key.to_string()).collect();
+        // `linked` is a Space (its build refuses the link, by name); `inside` follows its link.
+        assert_eq!(keys, ["me/inside", "me/linked"]);
     }
 
     #[test]

@@ -82,6 +82,16 @@ pub struct UpArgs {
     /// Python base image of gradio and streamlit Spaces (made by `scripts/up`).
     #[arg(long, env = "HANGAR_PYTHON_IMAGE", default_value = "hangar/python:3.11")]
     pub python_image: String,
+    /// Base images by `python_version` (`3.11=IMAGE,3.12=IMAGE`): a Space that sets a
+    /// version not listed is a CONFIG_ERROR naming the listed ones; one that sets none
+    /// gets `--python-image`. `scripts/up` makes 3.11 only (Debian bookworm's Python).
+    #[arg(
+        long,
+        env = "HANGAR_PYTHON_IMAGES",
+        default_value = "3.11=hangar/python:3.11",
+        value_parser = crate::operator::parse_python_images
+    )]
+    pub python_images: crate::operator::PythonImages,
     /// Static file server image of static Spaces (made by `scripts/up`).
     #[arg(long, env = "HANGAR_STATIC_IMAGE", default_value = "hangar/static:1")]
     pub static_image: String,
@@ -160,6 +170,18 @@ pub fn ls(args: &LsArgs) -> crate::Result<()> {
     Ok(())
 }
 
+/// `http://127.0.0.1:8080/spaces/{owner}/{name}/`: the path route, which
+/// every HTTP client reaches (no `*.localhost` name to resolve); an
+/// unspecified listen address is shown as loopback.
+pub fn path_url(proxy: SocketAddr, key: &SpaceKey) -> String {
+    let ip = match proxy.ip() {
+        std::net::IpAddr::V4(v4) if v4.is_unspecified() => std::net::Ipv4Addr::LOCALHOST.into(),
+        std::net::IpAddr::V6(v6) if v6.is_unspecified() => std::net::Ipv6Addr::LOCALHOST.into(),
+        ip => ip,
+    };
+    format!("http://{}/spaces/{}/{}/", SocketAddr::new(ip, proxy.port()), key.namespace, key.name)
+}
+
 /// Runs `hangar up` until SIGINT/SIGTERM.
 pub async fn run(args: UpArgs) -> crate::Result<()> {
     let state_dir = args.state_dir.clone().unwrap_or_else(default_state_dir);
@@ -179,6 +201,9 @@ pub async fn run(args: UpArgs) -> crate::Result<()> {
 
     let mut config = BuilderConfig::new(IMAGE_PREFIX, &args.python_image, &args.static_image);
     config.push = false;
+    // Local mode builds folders (snapshots in the state dir) and local paths.
+    config.allow_local_sources = true;
+    config.python_images = args.python_images.0.clone();
     config.docker_host = args.docker_host.clone();
     config.extra_ca_file = args.extra_ca_file.clone();
     config.max_concurrent = args.max_builds;
@@ -267,8 +292,13 @@ pub async fn run(args: UpArgs) -> crate::Result<()> {
         receivers.push(rx);
         source.upsert(supervise::initial_route(&ctx, space));
         ctx.book.update(&space.key.to_string(), &ctx.url(&space.key), |_| {});
-        println!("  {}  {}", space.key, ctx.url(&space.key));
+        println!("  {}  {}  {}", space.key, ctx.url(&space.key), path_url(proxy.addr, &space.key));
     }
+    println!(
+        "  (the first URL is for browsers and curl; from code (Python's requests, httpx, gradio_client) \
+         use the second: *.{} names do not resolve there)",
+        args.domain
+    );
     println!("logs: http://{logs_addr}/api/spaces/<owner>/<name>/logs/build (or /run)");
     println!(
         "metrics: http://{logs_addr}/metrics (memory held by frozen Spaces; the proxy's at http://{}/metrics)",

@@ -7,7 +7,9 @@
 //! and date and no parent: the same files give the same commit sha, hence the
 //! same build key, and an unchanged Space is reused instead of rebuilt, also
 //! across restarts. The folder itself is never written to; its `.gitignore`
-//! is honoured.
+//! is honoured. Symlinks are committed as symlinks (git reads no target), and
+//! the builder refuses a snapshot with one that leaves the folder, naming it
+//! (`crate::builder::repo_tree`), as it does any checkout.
 
 use std::path::Path;
 use std::process::Stdio;

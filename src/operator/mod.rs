@@ -110,6 +110,11 @@ pub struct BuildArgs {
     /// Python base image of gradio/streamlit Spaces; `{python_version}` is replaced.
     #[arg(long, env = "HANGAR_PYTHON_IMAGE", default_value = "python:{python_version}-slim")]
     pub python_image: String,
+    /// Base images by `python_version`, `3.11=IMAGE,3.12=IMAGE`: a Space that sets a
+    /// version not listed is a CONFIG_ERROR naming the listed ones (unless
+    /// `--python-image` has the `{python_version}` placeholder, which builds any).
+    #[arg(long, env = "HANGAR_PYTHON_IMAGES", default_value = "", value_parser = parse_python_images)]
+    pub python_images: PythonImages,
     /// Image with busybox httpd that serves static Spaces.
     #[arg(long, env = "HANGAR_STATIC_IMAGE", default_value = "busybox:stable")]
     pub static_image: String,
@@ -122,6 +127,26 @@ pub struct BuildArgs {
     /// Limit of one build, e.g. `30m`.
     #[arg(long, env = "HANGAR_BUILD_TIMEOUT", default_value = "30m")]
     pub build_timeout: String,
+    /// Also build `file://` URLs and local paths on the operator's machine (a
+    /// single-machine setup whose Space owners are trusted). Off: https, http,
+    /// ssh and git URLs only; a Space with another source is a CONFIG_ERROR.
+    #[arg(long, env = "HANGAR_ALLOW_LOCAL_GIT")]
+    pub allow_local_git: bool,
+    /// Network mode of the builds' RUN steps: unset, the engine's default (its bridge,
+    /// which reaches whatever the engine's host reaches: package indexes, registries,
+    /// and on a cluster node the pod network too); `none` (builds that fetch nothing);
+    /// `host`. BuildKit takes only these.
+    #[arg(long, env = "HANGAR_BUILD_NETWORK")]
+    pub build_network: Option<String>,
+}
+
+/// `--python-images`: `python_version` -> base image.
+#[derive(Debug, Clone, Default)]
+pub struct PythonImages(pub std::collections::BTreeMap<String, String>);
+
+/// Parses `--python-images` (also used by `hangar up`).
+pub fn parse_python_images(text: &str) -> Result<PythonImages, String> {
+    crate::builder::parse_python_images(text).map(PythonImages)
 }
 
 impl BuildArgs {
@@ -132,6 +157,9 @@ impl BuildArgs {
         config.docker_host = self.docker_host.clone();
         config.extra_ca_file = self.extra_ca_file.clone();
         config.max_concurrent = self.build_concurrency.max(1);
+        config.allow_local_sources = self.allow_local_git;
+        config.build_network = self.build_network.clone().filter(|n| !n.is_empty() && n != "default");
+        config.python_images = self.python_images.0.clone();
         config.timeout = crate::space::duration::parse(&self.build_timeout)
             .map_err(|e| crate::Error::Invalid(format!("--build-timeout: {e}")))?;
         if let (Some(username), Some(password)) = (&self.registry_username, &self.registry_password) {

@@ -76,6 +76,8 @@ pub fn builder_args(env: &super::TestEnv) -> Vec<String> {
         env.static_image.clone(),
         "--docker-host".to_owned(),
         env.docker_host.clone(),
+        // Test repositories live in temp dirs on this machine (file:// URLs).
+        "--allow-local-git".to_owned(),
     ];
     if let Ok(ca) = std::env::var("HANGAR_EXTRA_CA_FILE")
         && !ca.is_empty()
