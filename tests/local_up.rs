@@ -14,7 +14,10 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use futures::{SinkExt, StreamExt};
 use support::{TestEnv, run_ok, unique_name};
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 
 /// A running `hangar up` and everything it printed.
 struct Up {
@@ -250,7 +253,12 @@ async fn examples_are_served_and_sigint_stops_cleanly() {
     let ids: Vec<&str> = urls.iter().map(|(id, _)| id.as_str()).collect();
     assert_eq!(
         ids,
-        [format!("{owner}/echo"), format!("{owner}/gradio-hello"), format!("{owner}/static-site")],
+        [
+            format!("{owner}/echo"),
+            format!("{owner}/gradio-hello"),
+            format!("{owner}/static-site"),
+            format!("{owner}/streamlit-hello")
+        ],
         "{}",
         up.output()
     );
@@ -287,29 +295,65 @@ async fn examples_are_served_and_sigint_stops_cleanly() {
     let resp = client.get(&urls[1].1).send().await.expect("gradio answers");
     assert_eq!(resp.status(), 200);
     assert!(resp.text().await.expect("body").to_lowercase().contains("gradio"));
+    // Streamlit: the page's WebSocket passes through the proxy, by host and by path route.
+    up.wait_line("streamlit RUNNING", Duration::from_secs(600), |l| {
+        l.starts_with(&format!("{owner}/streamlit-hello: RUNNING"))
+    });
+    let health = client.get(format!("{}_stcore/health", urls[3].1)).send().await.expect("streamlit health");
+    assert_eq!(health.status(), 200);
+    let mut by_host = format!("ws://{}/_stcore/stream", up.addr).into_client_request().expect("ws request");
+    by_host.headers_mut().insert("host", host_of(&urls[3].1).parse().expect("host header"));
+    streamlit_runs_its_script(by_host, &owner).await;
+    let by_path = format!("ws://{}/spaces/{owner}/streamlit-hello/_stcore/stream", up.addr);
+    streamlit_runs_its_script(by_path.into_client_request().expect("ws request"), &owner).await;
+
     // Path routing reaches the same app.
     let path_url = format!("http://{}/spaces/{owner}/static-site/", up.addr);
     let body = client.get(&path_url).send().await.expect("path route").text().await.expect("body");
     assert!(body.contains("hangar-example-static"));
 
     let ls = hangar_ls(state.path());
-    for name in ["echo", "gradio-hello", "static-site"] {
+    for name in ["echo", "gradio-hello", "static-site", "streamlit-hello"] {
         assert!(
             ls.lines().any(|l| l.starts_with(&format!("{owner}/{name} ")) && l.contains("RUNNING")),
             "hangar ls:\n{ls}"
         );
     }
     let list = containers.list();
-    assert_eq!(list.len(), 3, "one container per Space: {list:?}");
+    assert_eq!(list.len(), 4, "one container per Space: {list:?}");
     assert!(list.iter().all(|(_, running)| *running), "{list:?}");
 
     up.signal("-INT");
     let status = up.wait_exit(Duration::from_secs(60));
     assert!(status.success(), "exit status {status}\n{}", up.output());
     let list = containers.list();
-    assert_eq!(list.len(), 3, "containers are kept (stopped) for a fast start: {list:?}");
+    assert_eq!(list.len(), 4, "containers are kept (stopped) for a fast start: {list:?}");
     assert!(list.iter().all(|(_, running)| !running), "SIGINT stops every container: {list:?}");
     assert!(hangar_ls(state.path()).contains("no hangar up is running"));
+}
+
+/// Speaks to the example Streamlit app as its page does: opens `/_stcore/stream`, asks for a
+/// run (a `BackMsg` whose `rerun_script` (field 11) is an empty `ClientState`) and reads the
+/// `ForwardMsg`s (protobuf) until the app's title and greeting arrive.
+async fn streamlit_runs_its_script(request: tokio_tungstenite::tungstenite::handshake::client::Request, owner: &str) {
+    let (mut ws, resp) = tokio_tungstenite::connect_async(request).await.expect("streamlit WebSocket through the proxy");
+    assert_eq!(resp.status().as_u16(), 101);
+    ws.send(Message::Binary(vec![0x5a, 0x00].into())).await.expect("send rerun_script");
+    let greeting = format!("This is {owner}/streamlit-hello.");
+    let (mut title, mut greeted) = (false, false);
+    let read = async {
+        while let Some(msg) = ws.next().await {
+            let Message::Binary(bytes) = msg.expect("WebSocket message") else { continue };
+            let text = String::from_utf8_lossy(&bytes);
+            title |= text.contains("hangar-example-streamlit");
+            greeted |= text.contains(&greeting);
+            if title && greeted {
+                return;
+            }
+        }
+        panic!("the WebSocket closed before the app's output (title {title}, greeting {greeted})");
+    };
+    tokio::time::timeout(Duration::from_secs(120), read).await.expect("the app's output over the WebSocket");
 }
 
 /// A Space with a 3 s sleep time: its container stops when idle, the next
