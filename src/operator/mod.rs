@@ -35,6 +35,7 @@ use kube::{Api, Client, ResourceExt};
 use prometheus_client::registry::Registry;
 
 use crate::space::Space;
+use crate::space::host_claim::Claim;
 use crate::space::naming::SPACE_LABEL;
 
 /// `hangar operator` settings.
@@ -153,6 +154,23 @@ fn by_space_label<K: kube::Resource>(object: &K) -> Option<ObjectRef<Space>> {
     Some(ObjectRef::new(space).within(object.meta().namespace.as_deref()?))
 }
 
+/// Reconciles the other Spaces whose host name `space` shares: whether each
+/// holds it may have changed with `space` coming or going.
+fn recheck_host_sharers(
+    store: &reflector::Store<Space>,
+    space: &Space,
+    triggers: &tokio::sync::mpsc::UnboundedSender<ObjectRef<Space>>,
+) {
+    let me = Claim::of(space);
+    let sharing = store.state_filter(|o| {
+        let other = Claim::of(o);
+        !other.is(&me) && other.same_host(&me)
+    });
+    for other in sharing {
+        let _ = triggers.send(ObjectRef::from_obj(&*other));
+    }
+}
+
 /// Runs the operator until a shutdown signal or the loss of leadership.
 pub async fn run(args: OperatorArgs) -> crate::Result<()> {
     let mapping = match &args.hardware_mapping {
@@ -163,6 +181,7 @@ pub async fn run(args: OperatorArgs) -> crate::Result<()> {
     let client = Client::try_default().await?;
     let builder = args.build.builder().await?;
     let (triggers, triggered) = tokio::sync::mpsc::unbounded_channel();
+    let recheck = triggers.clone();
     let builds = Arc::new(builds::Builds::new(builder, client.clone(), triggers));
     let mut registry = Registry::default();
     let metrics = metrics::Metrics::new(&mut registry);
@@ -225,14 +244,18 @@ pub async fn run(args: OperatorArgs) -> crate::Result<()> {
     let ctx =
         Arc::new(reconcile::Context::new(client.clone(), recorder, metrics, config, builds, caches, spaces.clone()));
     let forgetting = ctx.clone();
+    let store = spaces.clone();
     let space_events = watcher(api::<Space>(&client, ns), watcher::Config::default())
         .default_backoff()
         .modify(cache::strip_managed_fields)
         .reflect(writer)
         .inspect_ok(move |event| match event {
             watcher::Event::Delete(space) => {
-                forgetting.forget(&space.namespace().unwrap_or_default(), &space.name_any())
+                forgetting.forget(&space.namespace().unwrap_or_default(), &space.name_any());
+                recheck_host_sharers(&store, space, &recheck);
             }
+            // A Space that appears may hold (or take back) another's host name.
+            watcher::Event::Apply(space) => recheck_host_sharers(&store, space, &recheck),
             watcher::Event::InitDone => forgetting.forget_absent(),
             _ => {}
         })

@@ -28,6 +28,7 @@ use tokio_util::sync::CancellationToken;
 use super::forward::{self, ForwardError, POOL_IDLE_TIMEOUT};
 use super::route::{Access, Disposition, Match, Resolution};
 use super::server::{self, Worker};
+use crate::space::custom_headers;
 
 /// A request head that does not fit goes to hyper (which answers 431).
 const MAX_REQUEST_HEAD: usize = 64 * 1024;
@@ -887,12 +888,14 @@ fn write_response_head(
         .map(<[u8]>::trim_ascii)
         .filter(|t| !t.is_empty())
         .collect();
+    // Never framing or hop-by-hop, whatever reached the route.
+    let custom = || custom.iter().filter(|(name, _)| custom_headers::is_allowed_name(name.as_str()));
     let mut dated = false;
     for h in res.headers.iter() {
         let name = h.name;
         if hop_by_hop(name)
             || named.iter().any(|n| n.eq_ignore_ascii_case(name.as_bytes()))
-            || custom.iter().any(|(c, _)| c.as_str().eq_ignore_ascii_case(name))
+            || custom().any(|(c, _)| c.as_str().eq_ignore_ascii_case(name))
         {
             continue;
         }
@@ -906,7 +909,7 @@ fn write_response_head(
         _ => {}
     }
     if !informational {
-        for (name, value) in custom {
+        for (name, value) in custom() {
             push_header(out, name.as_str().as_bytes(), value.as_bytes());
         }
         if !dated {
@@ -1133,7 +1136,12 @@ mod tests {
             other => return Err(format!("{other:?}")),
         }
         let facts = response_facts(&res, is_head)?;
-        let custom = [("x-frame-options".parse().expect("name"), HeaderValue::from_static("DENY"))];
+        let custom = [
+            ("cross-origin-opener-policy".parse().expect("name"), HeaderValue::from_static("same-origin")),
+            // Not a header a Space may set: never written, even if it reached the route.
+            ("content-length".parse().expect("name"), HeaderValue::from_static("0")),
+            ("connection".parse().expect("name"), HeaderValue::from_static("close")),
+        ];
         let mut out = Vec::new();
         write_response_head(&mut out, &res, &facts, &custom, false);
         Ok((facts, String::from_utf8(out).expect("utf-8")))
@@ -1172,15 +1180,21 @@ mod tests {
     #[test]
     fn response_head_for_the_client() {
         let head = b"HTTP/1.1 200 Fine\r\nConnection: keep-alive, x-hop\r\nKeep-Alive: timeout=5\r\nX-Hop: 1\r\n\
-            X-Frame-Options: SAMEORIGIN\r\nDate: Thu, 26 Nov 2026 03:00:00 GMT\r\n\r\n";
+            Cross-Origin-Opener-Policy: unsafe-none\r\nDate: Thu, 26 Nov 2026 03:00:00 GMT\r\n\r\n";
         let (_, out) = response(head, false).expect("valid");
         assert_eq!(
             out,
             "HTTP/1.1 200 Fine\r\nDate: Thu, 26 Nov 2026 03:00:00 GMT\r\ntransfer-encoding: chunked\r\n\
-             x-frame-options: DENY\r\n\r\n"
+             cross-origin-opener-policy: same-origin\r\n\r\n"
         );
         let (_, out) = response(b"HTTP/1.1 204 No Content\r\n\r\n", false).expect("valid");
-        assert!(out.starts_with("HTTP/1.1 204 No Content\r\nx-frame-options: DENY\r\ndate: "), "{out}");
+        assert!(
+            out.starts_with("HTTP/1.1 204 No Content\r\ncross-origin-opener-policy: same-origin\r\ndate: "),
+            "{out}"
+        );
+        let (_, out) = response(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n", false).expect("valid");
+        assert!(out.contains("Content-Length: 2\r\n") && !out.contains("content-length: 0"), "{out}");
+        assert!(!out.contains("connection: close"), "{out}");
         assert!(!out.contains("transfer-encoding"), "{out}");
     }
 

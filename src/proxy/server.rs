@@ -33,7 +33,7 @@ use super::rewind::Rewind;
 use super::route::{Access, Disposition, Match, Resolution, RouteTable, SpaceKey, SpaceRoute};
 use super::source::RouteSource;
 use super::wake::{self, WaitOutcome, Wakes};
-use crate::space::{Stage, naming};
+use crate::space::{Stage, custom_headers, naming};
 
 /// How the proxy listens and behaves.
 #[derive(Clone, Debug)]
@@ -591,7 +591,10 @@ impl Worker {
             Ok(Forwarded::Response(response)) => {
                 let (mut parts, body) = response.into_parts();
                 for (name, value) in &route.custom_headers {
-                    parts.headers.insert(name.clone(), value.clone());
+                    // Never framing or hop-by-hop, whatever reached the route.
+                    if custom_headers::is_allowed_name(name.as_str()) {
+                        parts.headers.insert(name.clone(), value.clone());
+                    }
                 }
                 // The guard lives as long as the body streams: an open SSE stream is activity.
                 let body = stream_body(body)

@@ -2,9 +2,11 @@
 //! matter and the merge of both into an [`AppConfig`]. Pure: no I/O here.
 
 pub mod app_config;
+pub mod custom_headers;
 pub mod duration;
 pub mod front_matter;
 pub mod hardware;
+pub mod host_claim;
 pub mod naming;
 pub mod resource;
 pub mod sleep_tier;
