@@ -236,7 +236,8 @@ pub async fn run(args: UpArgs) -> crate::Result<()> {
     let logs_task = tokio::spawn(async move {
         let router = crate::builder::logs::router(logs)
             .route("/metrics", axum::routing::get(move || async move { metrics.encode() }));
-        if let Err(e) = axum::serve(logs_listener, router).await {
+        let limits = crate::http_server::Limits::default();
+        if let Err(e) = crate::http_server::serve(logs_listener, router, limits, std::future::pending()).await {
             tracing::warn!(error = %e, "the logs API stopped");
         }
     });

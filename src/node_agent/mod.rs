@@ -58,6 +58,8 @@ pub struct NodeAgentArgs {
     /// Manage the pods of one namespace only (as the operator's and proxy's `--namespace`).
     #[arg(long, env = "HANGAR_NAMESPACE")]
     pub namespace: Option<String>,
+    #[command(flatten)]
+    pub limits: crate::http_server::Limits,
 }
 
 impl NodeAgentArgs {
@@ -97,7 +99,7 @@ pub async fn run(args: NodeAgentArgs) -> crate::Result<()> {
     tokio::spawn(advertise(client, args.node_name.clone(), args.namespace.clone(), url.clone()));
     tracing::info!(%url, "thaw API listening");
     let app = api::router(api::ApiState::new(agent, &token, registry, synced));
-    axum::serve(listener, app).with_graceful_shutdown(crate::shutdown::signal()).await?;
+    crate::http_server::serve(listener, app, args.limits, crate::shutdown::signal()).await?;
     Ok(())
 }
 

@@ -71,6 +71,8 @@ pub struct OperatorArgs {
     pub reconcile_concurrency: u16,
     #[command(flatten)]
     pub build: BuildArgs,
+    #[command(flatten)]
+    pub limits: crate::http_server::Limits,
 }
 
 /// Where the operator builds Space repositories (no `--registry`: no builds).
@@ -200,7 +202,7 @@ pub async fn run(args: OperatorArgs) -> crate::Result<()> {
     let listener = tokio::net::TcpListener::bind(args.http_addr).await?;
     tracing::info!(addr = %args.http_addr, "operator health and metrics listening");
     tokio::spawn(async move {
-        if let Err(e) = axum::serve(listener, app).await {
+        if let Err(e) = crate::http_server::serve(listener, app, args.limits, std::future::pending()).await {
             tracing::error!(error = %e, "health server failed");
         }
     });

@@ -53,18 +53,21 @@ pub enum Served {
 pub async fn serve(
     worker: &Worker,
     mut client: TcpStream,
-    client_ip: &HeaderValue,
+    peer: &forward::Client,
     shutdown: &CancellationToken,
 ) -> Served {
     let mut conn = Conn { buf: Vec::with_capacity(CHUNK), out: Vec::with_capacity(1024), head: Vec::new() };
-    // One timer per connection, re-armed per request head.
-    let timer = tokio::time::sleep(server::HEADER_READ_TIMEOUT);
+    let limits = worker.inner().config.limits;
+    // One timer per connection, re-armed per request head: a new connection
+    // and a started head get the header timeout, a kept-alive one the idle timeout.
+    let timer = tokio::time::sleep(limits.header_read_timeout);
     tokio::pin!(timer);
+    let mut served = false;
     loop {
         let mut armed = false;
         let mut taken = loop {
             if !conn.buf.is_empty() {
-                match take(worker, &conn.buf, &mut conn.out, client_ip) {
+                match take(worker, &conn.buf, &mut conn.out, peer) {
                     Step::Take(taken) => break taken,
                     Step::HandOff => return Served::HandOff(client, conn.buf),
                     Step::Partial if conn.buf.len() >= MAX_REQUEST_HEAD => {
@@ -73,16 +76,21 @@ pub async fn serve(
                     Step::Partial => {}
                 }
             }
+            let idle = conn.buf.is_empty();
             if !armed {
-                timer.as_mut().reset(tokio::time::Instant::now() + server::HEADER_READ_TIMEOUT);
+                let limit = if served && idle { limits.idle_timeout } else { limits.header_read_timeout };
+                timer.as_mut().reset(tokio::time::Instant::now() + limit);
                 armed = true;
             }
             conn.buf.reserve(CHUNK);
-            let idle = conn.buf.is_empty();
             tokio::select! {
                 biased;
                 read = client.read_buf(&mut conn.buf) => match read {
                     Ok(0) | Err(_) => return Served::Closed,
+                    // The first bytes of a head on a kept-alive connection: the head's own timeout from now.
+                    Ok(_) if served && idle => {
+                        timer.as_mut().reset(tokio::time::Instant::now() + limits.header_read_timeout);
+                    }
                     Ok(_) => {}
                 },
                 () = &mut timer => return Served::Closed,
@@ -94,6 +102,7 @@ pub async fn serve(
         // that starts waiting afterwards sees the cancellation above.)
         taken.close |= shutdown.is_cancelled();
         let keep = forward_one(worker, &mut client, &mut conn, taken, timer.as_mut()).await;
+        served = true;
         if !keep {
             let _ = client.shutdown().await;
             return Served::Closed;
@@ -129,7 +138,7 @@ struct Taken {
 }
 
 /// Parses the head in `buf`; when the fast path takes the request, writes its upstream head into `out`.
-fn take(worker: &Worker, buf: &[u8], out: &mut Vec<u8>, client_ip: &HeaderValue) -> Step {
+fn take(worker: &Worker, buf: &[u8], out: &mut Vec<u8>, client: &forward::Client) -> Step {
     if buf.starts_with(b"PRI ") {
         // HTTP/2 prior knowledge.
         return Step::HandOff;
@@ -152,12 +161,7 @@ fn take(worker: &Worker, buf: &[u8], out: &mut Vec<u8>, client_ip: &HeaderValue)
     let n = if endpoints.len() > 1 { inner.next_endpoint.fetch_add(1, Ordering::Relaxed) } else { 0 };
     let Some(&upstream) = endpoints.get(n % endpoints.len().max(1)) else { return Step::HandOff };
     out.clear();
-    let rewrite = Rewrite {
-        upstream_path: &m.upstream_path,
-        client_ip: client_ip.as_bytes(),
-        prefix: &m.prefix,
-        trust_forwarded: inner.config.trust_forwarded_headers,
-    };
+    let rewrite = Rewrite { upstream_path: &m.upstream_path, client, prefix: &m.prefix };
     write_request_head(out, &req, &facts, &rewrite);
     Step::Take(Taken {
         head_len,
@@ -724,10 +728,9 @@ fn hop_by_hop(name: &str) -> bool {
 /// What a forwarded request's head gets from the proxy.
 struct Rewrite<'a> {
     upstream_path: &'a str,
-    client_ip: &'a [u8],
+    client: &'a forward::Client,
     /// `X-Forwarded-Prefix` (path routing), or empty.
     prefix: &'a str,
-    trust_forwarded: bool,
 }
 
 /// The upstream request head, as `forward::prepare_request` makes it for a
@@ -741,7 +744,8 @@ fn write_request_head(out: &mut Vec<u8>, req: &httparse::Request<'_, '_>, facts:
     out.extend_from_slice(b" HTTP/1.1\r\n");
     // The first X-Forwarded-For, as `HeaderMap::get` finds it; only trusted ones are extended.
     let mut first_for: Option<Option<&[u8]>> = None;
-    let (mut kept_proto, mut kept_host) = (false, false);
+    let trusted = r.client.trusted;
+    let (mut kept_proto, mut kept_host, mut kept_real_ip, mut kept_forwarded) = (false, false, false, false);
     for h in req.headers.iter() {
         let name = h.name;
         if hop_by_hop(name) || (facts.close && name.eq_ignore_ascii_case("close")) {
@@ -752,13 +756,19 @@ fn write_request_head(out: &mut Vec<u8>, req: &httparse::Request<'_, '_>, facts:
             continue;
         }
         let keep = if name.eq_ignore_ascii_case("x-forwarded-proto") {
-            kept_proto |= r.trust_forwarded;
-            r.trust_forwarded
+            kept_proto |= trusted;
+            trusted
         } else if name.eq_ignore_ascii_case("x-forwarded-host") {
-            kept_host |= r.trust_forwarded;
-            r.trust_forwarded
+            kept_host |= trusted;
+            trusted
         } else if name.eq_ignore_ascii_case("x-forwarded-prefix") {
-            r.trust_forwarded && r.prefix.is_empty()
+            trusted && r.prefix.is_empty()
+        } else if name.eq_ignore_ascii_case("x-real-ip") {
+            kept_real_ip |= trusted;
+            trusted
+        } else if name.eq_ignore_ascii_case("forwarded") {
+            kept_forwarded |= trusted;
+            trusted
         } else {
             true
         };
@@ -767,12 +777,18 @@ fn write_request_head(out: &mut Vec<u8>, req: &httparse::Request<'_, '_>, facts:
         }
     }
     out.extend_from_slice(b"x-forwarded-for: ");
-    if let Some(Some(prior)) = first_for.filter(|_| r.trust_forwarded) {
+    if let Some(Some(prior)) = first_for.filter(|_| trusted) {
         out.extend_from_slice(prior);
         out.extend_from_slice(b", ");
     }
-    out.extend_from_slice(r.client_ip);
+    out.extend_from_slice(r.client.ip.as_bytes());
     out.extend_from_slice(b"\r\n");
+    if !kept_real_ip {
+        push_header(out, b"x-real-ip", r.client.ip.as_bytes());
+    }
+    if !kept_forwarded {
+        push_header(out, b"forwarded", r.client.forwarded.as_bytes());
+    }
     if !kept_proto {
         out.extend_from_slice(b"x-forwarded-proto: http\r\n");
     }
@@ -1102,7 +1118,9 @@ mod tests {
         assert!(matches!(req.parse(head), Ok(httparse::Status::Complete(_))));
         let facts = request_facts(&req).expect("taken");
         let mut out = Vec::new();
-        let r = Rewrite { upstream_path: "/queue/join?x=1", client_ip: b"192.168.1.9", prefix, trust_forwarded: trust };
+        let nets: Vec<ipnet::IpNet> = if trust { vec!["192.168.0.0/16".parse().expect("cidr")] } else { Vec::new() };
+        let client = forward::Client::new(std::net::SocketAddr::from(([192, 168, 1, 9], 50000)), &nets);
+        let r = Rewrite { upstream_path: "/queue/join?x=1", client: &client, prefix };
         write_request_head(&mut out, &req, &facts, &r);
         String::from_utf8(out).expect("utf-8")
     }
@@ -1112,19 +1130,22 @@ mod tests {
         let head = b"GET /spaces/a/b/queue/join?x=1 HTTP/1.1\r\nHost: proxy.example.com\r\n\
             Connection: keep-alive, close\r\nKeep-Alive: timeout=5\r\nClose: x\r\nTE: trailers\r\n\
             Authorization: Bearer t\r\nX-Forwarded-For: 6.6.6.6\r\nX-Forwarded-Proto: https\r\n\
-            X-Forwarded-Prefix: /evil\r\nAccept: text/event-stream\r\n\r\n";
+            X-Forwarded-Prefix: /evil\r\nX-Real-IP: 6.6.6.6\r\nForwarded: for=6.6.6.6\r\n\
+            Accept: text/event-stream\r\n\r\n";
         assert_eq!(
             rewrite(head, "/spaces/a/b", false),
             "GET /queue/join?x=1 HTTP/1.1\r\nHost: proxy.example.com\r\nAuthorization: Bearer t\r\n\
-             Accept: text/event-stream\r\nx-forwarded-for: 192.168.1.9\r\nx-forwarded-proto: http\r\n\
+             Accept: text/event-stream\r\nx-forwarded-for: 192.168.1.9\r\nx-real-ip: 192.168.1.9\r\n\
+             forwarded: for=192.168.1.9;proto=http\r\nx-forwarded-proto: http\r\n\
              x-forwarded-host: proxy.example.com\r\nx-forwarded-prefix: /spaces/a/b\r\n\r\n"
         );
         let head = b"GET / HTTP/1.1\r\nHost: h\r\nX-Forwarded-For: 1.2.3.4\r\nX-Forwarded-For: 5.6.7.8\r\n\
-            X-Forwarded-Proto: https\r\nX-Forwarded-Prefix: /lb\r\nContent-Length: 0\r\n\r\n";
+            X-Forwarded-Proto: https\r\nX-Forwarded-Prefix: /lb\r\nX-Real-IP: 1.2.3.4\r\nContent-Length: 0\r\n\r\n";
         assert_eq!(
             rewrite(head, "", true),
             "GET /queue/join?x=1 HTTP/1.1\r\nHost: h\r\nX-Forwarded-Proto: https\r\nX-Forwarded-Prefix: /lb\r\n\
-             Content-Length: 0\r\nx-forwarded-for: 1.2.3.4, 192.168.1.9\r\nx-forwarded-host: h\r\n\r\n"
+             X-Real-IP: 1.2.3.4\r\nContent-Length: 0\r\nx-forwarded-for: 1.2.3.4, 192.168.1.9\r\n\
+             forwarded: for=192.168.1.9;proto=http\r\nx-forwarded-host: h\r\n\r\n"
         );
     }
 
