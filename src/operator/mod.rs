@@ -54,6 +54,10 @@ pub struct OperatorArgs {
     /// Watch Spaces of this namespace only (default: all namespaces).
     #[arg(long, env = "HANGAR_WATCH_NAMESPACE")]
     pub namespace: Option<String>,
+    /// Reconcile only the Spaces with these labels (a label selector, e.g.
+    /// `team=ml`): operators that share a cluster split its Spaces by label.
+    #[arg(long, env = "HANGAR_SPACE_SELECTOR")]
+    pub space_selector: Option<String>,
     #[command(flatten)]
     pub sleep: sleep::SleepArgs,
     /// Address of /healthz, /readyz and /metrics.
@@ -247,7 +251,11 @@ pub async fn run(args: OperatorArgs) -> crate::Result<()> {
         Arc::new(reconcile::Context::new(client.clone(), recorder, metrics, config, builds, caches, spaces.clone()));
     let forgetting = ctx.clone();
     let store = spaces.clone();
-    let space_events = watcher(api::<Space>(&client, ns), watcher::Config::default())
+    let space_watch = match &args.space_selector {
+        Some(selector) => watcher::Config::default().labels(selector),
+        None => watcher::Config::default(),
+    };
+    let space_events = watcher(api::<Space>(&client, ns), space_watch)
         .default_backoff()
         .modify(cache::strip_managed_fields)
         .reflect(writer)

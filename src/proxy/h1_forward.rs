@@ -1264,6 +1264,134 @@ mod tests {
         assert!(chunked_end(&huge, 64).is_err());
     }
 
+    /// A request head from parts the generators pick, some of them hostile.
+    fn head_of(method: &str, target: &str, headers: &[(String, String)]) -> Vec<u8> {
+        let mut head = format!("{method} {target} HTTP/1.1\r\n").into_bytes();
+        for (name, value) in headers {
+            head.extend_from_slice(format!("{name}: {value}\r\n").as_bytes());
+        }
+        head.extend_from_slice(b"\r\n");
+        head
+    }
+
+    fn header_name() -> impl proptest::strategy::Strategy<Value = String> {
+        proptest::prop_oneof![
+            proptest::sample::select(vec![
+                "Host",
+                "Content-Length",
+                "Transfer-Encoding",
+                "Connection",
+                "Keep-Alive",
+                "Upgrade",
+                "Expect",
+                "X-Forwarded-For",
+                "X-Forwarded-Host",
+                "X-Forwarded-Proto",
+                "X-Forwarded-Prefix",
+                "X-Real-IP",
+                "Forwarded",
+                "TE",
+                "Trailer",
+                "Close",
+                "Authorization",
+                "Accept",
+            ])
+            .prop_map(str::to_owned),
+            "[A-Za-z][A-Za-z0-9-]{0,12}",
+        ]
+    }
+
+    use proptest::prelude::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(1000))]
+
+        /// Arbitrary bytes: parsing and rewriting never panic.
+        #[test]
+        fn request_parsing_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..600)) {
+            let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+            let mut req = httparse::Request::new(&mut headers);
+            if let Ok(httparse::Status::Complete(_)) = req.parse(&bytes)
+                && let Some(facts) = request_facts(&req)
+            {
+                let client = forward::Client::new(std::net::SocketAddr::from(([10, 0, 0, 1], 1)), &[]);
+                let mut out = Vec::new();
+                let r = Rewrite { upstream_path: facts.target, client: &client, prefix: "" };
+                write_request_head(&mut out, &req, &facts, &r);
+            }
+            let mut state = ChunkedState::new();
+            let _ = state.feed(&bytes);
+            let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+            let mut res = httparse::Response::new(&mut headers);
+            if let Ok(httparse::Status::Complete(_)) = res.parse(&bytes)
+                && let Ok(facts) = response_facts(&res, false)
+            {
+                let mut out = Vec::new();
+                write_response_head(&mut out, &res, &facts, &[], false);
+            }
+        }
+
+        /// Whatever a client sends, a head the fast path takes is rewritten
+        /// into one complete, well-framed head: the same method, the proxy's
+        /// path, the proxy's own forwarding headers (once each), no hop-by-hop
+        /// header, and a body length exactly when the client gave one.
+        #[test]
+        fn taken_heads_are_rewritten_into_one_clean_head(
+            method in proptest::sample::select(vec!["GET", "POST", "HEAD", "PUT", "DELETE", "OPTIONS", "CONNECT"]),
+            target in "/[ -~]{0,40}",
+            headers in proptest::collection::vec((header_name(), "[ -~]{0,24}"), 0..10),
+            upstream_path in "/[a-z0-9/?=&]{0,20}",
+        ) {
+            // A Host first, so that most heads get past the first check.
+            let head = head_of(method, &target, &[&[("Host".to_owned(), "a-b.d".to_owned())][..], &headers].concat());
+            let mut parsed = [httparse::EMPTY_HEADER; MAX_HEADERS];
+            let mut req = httparse::Request::new(&mut parsed);
+            let Ok(httparse::Status::Complete(_)) = req.parse(&head) else { return Ok(()) };
+            let Some(facts) = request_facts(&req) else { return Ok(()) };
+            prop_assert!(method != "CONNECT");
+            let client = forward::Client::new(std::net::SocketAddr::from(([10, 0, 0, 1], 1)), &[]);
+            let mut out = Vec::new();
+            let r = Rewrite { upstream_path: &upstream_path, client: &client, prefix: "/spaces/a/b" };
+            write_request_head(&mut out, &req, &facts, &r);
+
+            let mut again = [httparse::EMPTY_HEADER; MAX_HEADERS];
+            let mut rewritten = httparse::Request::new(&mut again);
+            prop_assert_eq!(rewritten.parse(&out), Ok(httparse::Status::Complete(out.len())));
+            prop_assert_eq!(rewritten.method, Some(method));
+            prop_assert_eq!(rewritten.path, Some(upstream_path.as_str()));
+            let count = |name: &str| rewritten.headers.iter().filter(|h| h.name.eq_ignore_ascii_case(name)).count();
+            for own in ["x-forwarded-for", "x-real-ip", "forwarded", "x-forwarded-proto", "x-forwarded-prefix"] {
+                prop_assert_eq!(count(own), 1, "{}", own);
+            }
+            for hop in ["connection", "transfer-encoding", "upgrade", "keep-alive", "te", "trailer", "expect"] {
+                prop_assert_eq!(count(hop), 0, "{}", hop);
+            }
+            let lengths: Vec<&[u8]> = rewritten.headers.iter()
+                .filter(|h| h.name.eq_ignore_ascii_case("content-length")).map(|h| h.value).collect();
+            prop_assert!(lengths.len() <= 1);
+            prop_assert_eq!(lengths.first().and_then(|v| decimal(v)).unwrap_or(0), facts.content_length);
+            let forwarded_for = rewritten.headers.iter().find(|h| h.name.eq_ignore_ascii_case("x-forwarded-for"));
+            prop_assert_eq!(forwarded_for.map(|h| h.value), Some(&b"10.0.0.1"[..]), "an untrusted client's XFF is replaced");
+        }
+
+        /// A chunked body ends at the same byte however it is split.
+        #[test]
+        fn chunked_framing_does_not_depend_on_reads(
+            chunks in proptest::collection::vec(proptest::collection::vec(any::<u8>(), 0..40), 0..5),
+            step in 1usize..64,
+        ) {
+            let mut body = Vec::new();
+            for c in chunks.iter().filter(|c| !c.is_empty()) {
+                body.extend_from_slice(format!("{:x}\r\n", c.len()).as_bytes());
+                body.extend_from_slice(c);
+                body.extend_from_slice(b"\r\n");
+            }
+            body.extend_from_slice(b"0\r\n\r\nNEXT");
+            prop_assert_eq!(chunked_end(&body, step), Ok(Some(body.len() - 4)));
+            prop_assert_eq!(chunked_end(&body, body.len()), Ok(Some(body.len() - 4)));
+        }
+    }
+
     #[test]
     fn close_delimited_bodies_are_rechunked() {
         let mut body = Body::new(Framing::Close);

@@ -490,6 +490,57 @@ mod tests {
         assert!(matches!(t3.resolve(Some("alice-whisper.spaces.example.com"), "/"), Resolution::UnknownSpace));
     }
 
+    use proptest::prelude::*;
+
+    /// Owners and names as they come: DNS labels with dashes, so hosts collide.
+    fn label() -> impl Strategy<Value = String> {
+        "[a-c]{1,2}(-[a-c]{1,2}){0,2}"
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(1000))]
+
+        /// Crafted hosts and paths never panic the router, and never reach a
+        /// Space by an address that is not its own: by host only its host
+        /// (the older of colliding ones), by path only `/spaces/{owner}/{name}`.
+        #[test]
+        fn routing_never_answers_for_another_space(
+            keys in proptest::collection::vec((label(), label(), proptest::option::of(0i64..4)), 0..8),
+            host in proptest::option::of(proptest::prop_oneof![
+                "[a-c-]{1,9}\\.d\\.?(:[0-9]{1,5})?",
+                "[ -~]{0,20}",
+                "[A-C-]{1,9}\\.D",
+            ]),
+            path in proptest::prop_oneof![
+                "/spaces/[a-c-]{0,6}/[a-c-]{0,6}(/[ -~]{0,10})?",
+                "/spaces/[a-c./%-]{0,12}(/[a-c./%-]{0,12}){0,3}",
+                "[ -~]{0,30}",
+            ],
+        ) {
+            let routes = keys.iter().map(|(ns, name, since)| {
+                let mut r = SpaceRoute::new(SpaceKey::new(ns.as_str(), name.as_str()));
+                r.since = *since;
+                r
+            });
+            let t = RouteTable::new("d", routes);
+            let Resolution::Space(m) = t.resolve(host.as_deref(), &path) else { return Ok(()) };
+            let key = &m.route.key;
+            if m.prefix.is_empty() {
+                let asked = normalize_host(host.as_deref().unwrap_or_default()).to_ascii_lowercase();
+                prop_assert_eq!(naming::host(&key.namespace, &key.name, "d").to_ascii_lowercase(), asked.clone());
+                let mine = Claim::new(&key.namespace, &key.name, m.route.since);
+                for other in t.routes().filter(|r| r.key != *key) {
+                    let theirs = Claim::new(&other.key.namespace, &other.key.name, other.since);
+                    prop_assert!(!(theirs.same_host(&mine) && theirs.outranks(&mine)), "{} took {}", key, asked);
+                }
+            } else {
+                prop_assert_eq!(&m.prefix, &naming::path_prefix(&key.namespace, &key.name));
+                let p = path.split('?').next().unwrap_or_default();
+                prop_assert!(p == m.prefix || p.starts_with(&format!("{}/", m.prefix)), "{} for {}", key, path);
+            }
+        }
+    }
+
     #[test]
     fn normalizes_hosts() {
         assert_eq!(normalize_host("a.b:80"), "a.b");
