@@ -582,6 +582,8 @@ async fn freezes_when_idle_thaws_once_for_many_and_stops_later() {
         "{ls}"
     );
     let local_metrics = up.wait_line("metrics", Duration::from_secs(5), |l| l.starts_with("metrics: http://"));
+    let proxy_metrics = local_metrics.split("the proxy's at ").nth(1).expect("the proxy's metrics URL");
+    let proxy_metrics = proxy_metrics.trim_end_matches(')').to_owned();
     let local_metrics = local_metrics.split_whitespace().nth(1).expect("metrics URL").to_owned();
     let text = client.get(&local_metrics).send().await.expect("metrics").text().await.expect("text");
     let held = format!(r#"hangar_up_frozen_memory_bytes{{namespace="{owner}",space="ice"}} "#);
@@ -613,7 +615,7 @@ async fn freezes_when_idle_thaws_once_for_many_and_stops_later() {
     assert_eq!(unpauses_since(&env, &name, since), 1, "exactly one unpause for 50 requests");
     let text = client.get(&local_metrics).send().await.expect("metrics").text().await.expect("text");
     assert!(!text.contains(&held), "thawed: no memory held frozen\n{text}");
-    let metrics = client.get(format!("http://{}/metrics", up.addr)).send().await.expect("metrics");
+    let metrics = client.get(&proxy_metrics).send().await.expect("metrics");
     let metrics = metrics.text().await.expect("metrics text");
     let wakes = format!(r#"hangar_proxy_wakes_total{{namespace="{owner}",space="ice",tier="frozen"}} 1"#);
     assert!(metrics.contains(&wakes), "one wake, of a frozen Space:\n{metrics}");
@@ -635,7 +637,7 @@ async fn freezes_when_idle_thaws_once_for_many_and_stops_later() {
     assert_eq!(up.count(|l| l.starts_with(&format!("{id}: waking"))), 1, "{}", up.output());
     assert_eq!(up.count(|l| l.starts_with(&format!("{id}: RUNNING (woke in"))), 1, "{}", up.output());
     assert_eq!(containers.list().len(), 1, "one container throughout");
-    let metrics = client.get(format!("http://{}/metrics", up.addr)).send().await.expect("metrics");
+    let metrics = client.get(&proxy_metrics).send().await.expect("metrics");
     let metrics = metrics.text().await.expect("metrics text");
     let woken = format!(r#"hangar_proxy_wakes_total{{namespace="{owner}",space="ice",tier="stopped"}} 1"#);
     assert!(metrics.contains(&woken), "then one wake of a stopped Space:\n{metrics}");

@@ -193,6 +193,8 @@ pub async fn run(args: UpArgs) -> crate::Result<()> {
     let source = MemorySource::new(&args.domain);
     let proxy_config = ProxyConfig {
         listen: args.listen,
+        // Its /metrics: on loopback, apart from the Spaces' port.
+        admin_listen: Some(SocketAddr::from(([127, 0, 0, 1], 0))),
         drain_timeout: Duration::from_secs(5),
         activity_interval: ACTIVITY_INTERVAL,
         ..ProxyConfig::default()
@@ -254,10 +256,24 @@ pub async fn run(args: UpArgs) -> crate::Result<()> {
         ctx.book.update(&space.key.to_string(), &ctx.url(&space.key), |_| {});
         println!("  {}  {}", space.key, ctx.url(&space.key));
     }
+    // Names that collide into one host: the Space given first keeps it.
+    let table = source.table();
+    for space in &spaces {
+        if let Some(holder) = table.host_holder(&space.key) {
+            println!(
+                "  {}: no host route: {} is {holder}'s (given first); served at http://{}/spaces/{}/{}/",
+                space.key,
+                crate::space::naming::host(&space.key.namespace, &space.key.name, &ctx.domain),
+                proxy.addr,
+                space.key.namespace,
+                space.key.name
+            );
+        }
+    }
     println!("logs: http://{logs_addr}/api/spaces/<owner>/<name>/logs/build (or /run)");
     println!(
         "metrics: http://{logs_addr}/metrics (memory held by frozen Spaces; the proxy's at http://{}/metrics)",
-        proxy.addr
+        proxy.admin_addr.unwrap_or(proxy.addr)
     );
     let senders = Arc::new(senders);
     let handler: WakeHandler = Arc::new(move |key: SpaceKey| {
