@@ -402,14 +402,28 @@ async fn a_broken_space_reports_its_stage_and_the_others_run() {
     copy_dir(&examples().join("static-site"), &dir.path().join("fine"));
     std::fs::create_dir_all(dir.path().join("noapp")).expect("mkdir");
     std::fs::write(dir.path().join("noapp/README.md"), "---\nsdk: gradio\n---\nno app.py here\n").expect("readme");
+    // Headers that would reframe responses on shared connections: refused, named.
+    copy_dir(&examples().join("static-site"), &dir.path().join("framing"));
+    let readme = std::fs::read_to_string(dir.path().join("framing/README.md")).expect("readme");
+    let framing = "custom_headers:\n  content-length: \"0\"\n  transfer-encoding: chunked\n  connection: close\n---";
+    std::fs::write(dir.path().join("framing/README.md"), readme.replacen("\n---", &format!("\n{framing}"), 1))
+        .expect("readme");
     let mut up = Up::start(&env, dir.path(), &owner, state.path());
     up.wait_line("NO_APP_FILE", Duration::from_secs(120), |l| l.starts_with(&format!("{owner}/noapp: NO_APP_FILE")));
+    let refused = up.wait_line("CONFIG_ERROR", Duration::from_secs(120), |l| {
+        l.starts_with(&format!("{owner}/framing: CONFIG_ERROR"))
+    });
+    assert!(refused.contains("custom_headers") && refused.contains("\"connection\" is not allowed"), "{refused}");
     up.wait_line("fine RUNNING", Duration::from_secs(120), |l| l.starts_with(&format!("{owner}/fine: RUNNING")));
     let urls = up.urls();
     let client = up.client(&urls.iter().map(|(_, u)| host_of(u)).collect::<Vec<_>>());
     let broken = &urls.iter().find(|(i, _)| i.ends_with("/noapp")).expect("noapp URL").1;
     let resp = client.get(broken).send().await.expect("answer");
     assert_eq!(resp.status(), 503, "an unavailable Space says so");
+    let framing = &urls.iter().find(|(i, _)| i.ends_with("/framing")).expect("framing URL").1;
+    let resp = client.get(framing).send().await.expect("answer");
+    assert_eq!(resp.status(), 503);
+    assert!(resp.text().await.expect("body").contains("CONFIG_ERROR"));
     let ls = hangar_ls(state.path());
     assert!(ls.contains("NO_APP_FILE") && ls.contains("app.py"), "{ls}");
     up.signal("-TERM");
