@@ -188,11 +188,14 @@ async fn main() {
     let env = [("KUBECONFIG", OsString::from(&ns.env.kubeconfig))];
     let proxy_addr = format!("127.0.0.1:{}", support::operator::free_port());
     let admin = format!("127.0.0.1:{}", support::operator::free_port());
+    // The proxy finds the agent at the node's InternalIP and the port it is told.
+    let agent = support::node_agent_addr(&ns).await;
+    let agent_addr = agent.to_string();
     let mut proxy_args =
         args(["proxy", "--namespace", &ns.name, "--domain", DOMAIN, "--listen", &proxy_addr, "--admin-listen", &admin]);
+    proxy_args.extend(args(["--node-agent-port", &agent.port().to_string()]));
     proxy_args.extend(args([OsString::from("--node-agent-token-file"), token_file.clone().into_os_string()]));
     let _proxy = Component::start("bench-proxy", dir.path(), &proxy_args, &env);
-    let agent_addr = format!("127.0.0.1:{}", support::operator::free_port());
     let mut agent_args =
         args(["node-agent", "--node-name", &ns.env.real_node, "--namespace", &ns.name, "--listen", &agent_addr]);
     agent_args.extend(args([OsString::from("--token-file"), token_file.into_os_string()]));

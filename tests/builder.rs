@@ -363,7 +363,9 @@ async fn build_logs_stream_over_sse_like_the_hub() {
     let repo = fixture_repo("static", &unique_name("sse"));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("addr");
-    let app = hangar::builder::logs::router(b.logs().clone());
+    // Every Space public here (the access check has tests of its own).
+    let app =
+        hangar::builder::logs::router(b.logs().clone(), std::sync::Arc::new(|_: &str, _: &str, _: &_| Some(true)));
     tokio::spawn(async move { axum::serve(listener, app).await });
     let url = format!("http://{addr}/api/spaces/{ns}/site/logs/build");
     let http = reqwest::Client::builder().no_proxy().build().expect("client");

@@ -26,6 +26,7 @@ use k8s_openapi::api::core::v1::{Pod, Service};
 use kube::Api;
 use kube::api::{ListParams, Patch, PatchParams};
 use serde_json::json;
+use support::gradio::{ClientRun, assert_streamed, push_delivery};
 use support::process::{Component, args};
 use support::repo::{bare_clone, commit_file, copy_dir, git, publish, serve_dumb_http};
 use support::space::{stage_of, wait_stage};
@@ -59,24 +60,6 @@ fn free_port() -> u16 {
     support::operator::free_port()
 }
 
-/// A kubeconfig for the chart's ServiceAccount `sa`: the test bed's cluster, the SA's token.
-fn service_account_kubeconfig(ns: &TestNamespace, sa: &str, dir: &Path) -> PathBuf {
-    let token = run_ok(ns.kubectl().args(["create", "token", sa, "--duration=2h"]));
-    let field = |path: &str| run_ok(ns.env.kubectl().args(["config", "view", "--raw", "--minify", "-o"]).arg(path));
-    let server = field("jsonpath={.clusters[0].cluster.server}");
-    let ca = field("jsonpath={.clusters[0].cluster.certificate-authority-data}");
-    assert!(!server.is_empty() && !ca.is_empty(), "the test bed's kubeconfig names its server and CA");
-    let config = json!({
-        "apiVersion": "v1", "kind": "Config", "current-context": sa,
-        "clusters": [{"name": "testbed", "cluster": {"server": server, "certificate-authority-data": ca}}],
-        "users": [{"name": sa, "user": {"token": token.trim()}}],
-        "contexts": [{"name": sa, "context": {"cluster": "testbed", "user": sa, "namespace": ns.name}}],
-    });
-    let path = dir.join(format!("{sa}.kubeconfig"));
-    std::fs::write(&path, serde_yaml_ng::to_string(&config).expect("kubeconfig yaml")).expect("write kubeconfig");
-    path
-}
-
 /// Installs the chart's RBAC for this namespace (no component pods) and starts the three
 /// components as processes under their ServiceAccounts.
 fn start_hangar(ns: &TestNamespace, dir: &Path) -> Hangar {
@@ -98,7 +81,7 @@ fn start_hangar(ns: &TestNamespace, dir: &Path) -> Hangar {
             .arg(&values_file),
     );
     let kubeconfig = |component: &str| {
-        let path = service_account_kubeconfig(ns, &format!("{RELEASE}-hangar-{component}"), dir);
+        let path = support::chart::service_account_kubeconfig(ns, &format!("{RELEASE}-hangar-{component}"), dir);
         vec![("KUBECONFIG", path.into_os_string()), ("RUST_LOG", OsString::from("info,hangar=debug"))]
     };
 
@@ -122,6 +105,9 @@ fn start_hangar(ns: &TestNamespace, dir: &Path) -> Hangar {
     ]);
     operator_args.extend(args(support::operator::builder_args(&ns.env)));
     operator_args.extend(args([OsString::from("--hardware-mapping"), mapping.into_os_string()]));
+    // The key private Spaces' token hashes are made with, shared with the proxy.
+    let token_key = support::chart::token_key_file(dir);
+    operator_args.extend(args([OsString::from("--token-key-file"), token_key.clone().into_os_string()]));
     let operator = Component::start("operator", dir, &operator_args, &kubeconfig("operator"));
 
     let (proxy_addr, proxy_admin) = (format!("127.0.0.1:{}", free_port()), format!("127.0.0.1:{}", free_port()));
@@ -136,6 +122,8 @@ fn start_hangar(ns: &TestNamespace, dir: &Path) -> Hangar {
         "--admin-listen",
         &proxy_admin,
     ]);
+    let mut proxy_args = proxy_args;
+    proxy_args.extend(args([OsString::from("--token-key-file"), token_key.into_os_string()]));
     let proxy = Component::start("proxy", dir, &proxy_args, &kubeconfig("proxy"));
 
     let secret_file = dir.join("webhook-secret");
@@ -157,52 +145,9 @@ fn start_hangar(ns: &TestNamespace, dir: &Path) -> Hangar {
     }
 }
 
-/// What the Python client saw: `/greet`'s answer and `/count`'s values with arrival times.
-#[derive(serde::Deserialize, Debug)]
-struct ClientRun {
-    greet: String,
-    stream: Vec<(String, f64)>,
-}
-
-/// Runs the real `gradio_client` against `url` (through the proxy), streaming `count` values.
+/// The real `gradio_client` through the proxy; `*.hf.test` resolves to loopback.
 async fn gradio_client(url: &str, count: u32) -> ClientRun {
-    let python = std::env::var("HANGAR_GRADIO_CLIENT_PYTHON").unwrap_or_else(|_| {
-        panic!("the end-to-end tier needs the test bed's gradio_client venv: HANGAR_GRADIO_CLIENT_PYTHON is unset (scripts/testenv install + up)")
-    });
-    let script = repo_root().join("tests/fixtures/clients/gradio_client_check.py");
-    let mut cmd = tokio::process::Command::new(&python);
-    cmd.arg(&script).arg(url).arg(count.to_string()).arg(format!(".{DOMAIN}"));
-    // Loopback only: no proxies, no telemetry, no hub look-ups.
-    for var in ["HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "all_proxy"] {
-        cmd.env_remove(var);
-    }
-    cmd.env("NO_PROXY", "*").env("HF_HUB_OFFLINE", "1").env("GRADIO_ANALYTICS_ENABLED", "False");
-    let out = tokio::time::timeout(Duration::from_secs(180), cmd.output())
-        .await
-        .unwrap_or_else(|_| panic!("gradio_client against {url} did not finish in 180 s"))
-        .unwrap_or_else(|e| panic!("running {python}: {e}"));
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "gradio_client against {url} failed ({}):\n{stdout}\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let last = stdout.lines().last().unwrap_or_default();
-    serde_json::from_str(last).unwrap_or_else(|e| panic!("gradio_client printed no result ({e}): {stdout}"))
-}
-
-/// Asserts the streamed values are 1..=count and arrived over time, not in one burst.
-fn assert_streamed(run: &ClientRun, count: u32) {
-    let values: Vec<&str> = run.stream.iter().map(|(v, _)| v.as_str()).collect();
-    let expected: Vec<String> = (1..=count).map(|i| i.to_string()).collect();
-    assert_eq!(values, expected, "the streamed values");
-    let times: Vec<f64> = run.stream.iter().map(|(_, t)| *t).collect();
-    // The app yields every 0.4 s: consecutive arrivals are spread, not bunched at the end.
-    let spread = times[times.len() - 1] - times[0];
-    assert!(spread >= 0.3 * f64::from(count - 1), "values arrived in a burst: {times:?}");
-    let gaps = times.windows(2).filter(|w| w[1] - w[0] > 0.2).count();
-    assert!(gaps >= (count as usize - 1) / 2, "too few separate arrivals: {times:?}");
+    support::gradio::gradio_client(url, count, DOMAIN, "127.0.0.1").await
 }
 
 async fn space_pods(ns: &TestNamespace, name: &str) -> Vec<Pod> {
@@ -247,18 +192,6 @@ fn via_host(h: &Hangar, ns: &str, name: &str, path: &str) -> reqwest::RequestBui
     support::held_client().get(format!("http://{}{path}", h.proxy_addr)).header("host", format!("{ns}-{name}.{DOMAIN}"))
 }
 
-/// One hub webhook delivery (payload version 3) for a push to main.
-fn delivery(namespace: &str, name: &str, old: &str, new: &str) -> serde_json::Value {
-    json!({
-        "event": {"action": "update", "scope": "repo.content"},
-        "repo": {"type": "space", "name": format!("{namespace}/{name}"), "id": "1", "private": false,
-                 "subdomain": format!("{namespace}-{name}"), "url": {"web": "w", "api": "a"}, "headSha": new,
-                 "owner": {"id": "o"}},
-        "updatedRefs": [{"ref": "refs/heads/main", "oldSha": old, "newSha": new}],
-        "webhook": {"id": "e2e", "version": 3}
-    })
-}
-
 /// Sends requests through the proxy without pause until `stop`; counts sent and failed.
 fn steady_client(
     h: &Hangar,
@@ -266,29 +199,7 @@ fn steady_client(
     name: &str,
     stop: Arc<AtomicBool>,
 ) -> (Arc<AtomicU64>, tokio::task::JoinHandle<Vec<String>>) {
-    let sent = Arc::new(AtomicU64::new(0));
-    let counter = sent.clone();
-    let url = format!("http://{}/config", h.proxy_addr);
-    let host = format!("{ns}-{name}.{DOMAIN}");
-    let task = tokio::spawn(async move {
-        let http = support::held_client();
-        let mut failures = Vec::new();
-        while !stop.load(Ordering::Relaxed) {
-            let outcome = http.get(&url).header("host", &host).timeout(Duration::from_secs(30)).send().await;
-            counter.fetch_add(1, Ordering::Relaxed);
-            match outcome {
-                Ok(r) if r.status().is_success() => {
-                    if let Err(e) = r.bytes().await {
-                        failures.push(format!("body: {e}"));
-                    }
-                }
-                Ok(r) => failures.push(format!("HTTP {}", r.status())),
-                Err(e) => failures.push(format!("error: {e}")),
-            }
-        }
-        failures
-    });
-    (sent, task)
+    support::gradio::steady_client(&h.proxy_addr, format!("{ns}-{name}.{DOMAIN}"), stop)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -354,7 +265,7 @@ async fn a_gradio_space_lives_its_whole_life_in_the_cluster() {
     let posted = support::held_client()
         .post(&h.webhook_url)
         .header("X-Webhook-Secret", WEBHOOK_SECRET)
-        .json(&delivery(&n, "hello", &first, &second))
+        .json(&push_delivery(&n, "hello", &first, &second))
         .send()
         .await
         .expect("webhook delivery");

@@ -9,6 +9,7 @@
 
 mod support;
 
+use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -86,14 +87,15 @@ async fn setup(prefix: &str) -> Bed {
     ]);
     let operator = Component::start("operator", &dir, &operator_args, &env);
 
+    // Where the proxy looks for the node's agent: the node's InternalIP, at the port it is told.
+    let agent = support::node_agent_addr(&ns).await;
+    let agent_addr = agent.to_string();
     let (proxy_addr, proxy_admin) = (format!("127.0.0.1:{}", free_port()), format!("127.0.0.1:{}", free_port()));
     let mut proxy_args = args(["proxy", "--namespace", &ns.name, "--domain", DOMAIN, "--listen", &proxy_addr]);
-    proxy_args.extend(args(["--admin-listen", &proxy_admin, "--node-agent-token-file"]));
-    proxy_args.push(token_file.clone().into_os_string());
+    proxy_args.extend(args(["--admin-listen", &proxy_admin, "--node-agent-port", &agent.port().to_string()]));
+    proxy_args.extend(args([OsString::from("--node-agent-token-file"), token_file.clone().into_os_string()]));
     let proxy = Component::start("proxy", &dir, &proxy_args, &env);
 
-    // On loopback: the proxy reaches it there (tests never use the machine's own address).
-    let agent_addr = format!("127.0.0.1:{}", free_port());
     let mut agent_args = args(["node-agent", "--node-name", &ns.env.real_node, "--namespace", &ns.name]);
     agent_args.extend(args(["--listen", &agent_addr, "--token-file"]));
     agent_args.push(token_file.into_os_string());

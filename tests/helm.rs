@@ -1,29 +1,27 @@
 //! Cluster tier: the Helm chart `charts/hangar` end to end, with the hangar image built from
 //! the repository's Dockerfile.
 //!
-//! The image is built (BuildKit, `prebuilt` stage: the test's own `hangar` binary, stripped,
-//! on the test bed's Debian base) and pushed to the test registry; `helm install` runs all
-//! three components as pods on the real node, with the chart's ServiceAccounts. The test bed
-//! has no kube-proxy and its kube-apiserver listens on loopback only, so the pods use the
-//! node's network (`hostNetwork`) and `KUBERNETES_SERVICE_HOST=127.0.0.1` (chart values that
-//! exist for such clusters). The operator watches the test namespace only (`watchNamespace`,
+//! The image is built (the Dockerfile around the test's own `hangar` binary, stripped, on the
+//! test bed's Debian base) and pushed to the test registry; `helm install` runs all
+//! three components as pods on the real node, with the chart's ServiceAccounts, in the node's
+//! network (`hostNetwork`) with `KUBERNETES_SERVICE_HOST=127.0.0.1`: the chart values for
+//! clusters whose pod network cannot reach the API server (tests/helm_e2e.rs runs the chart
+//! on the pod network). The operator watches the test namespace only (`watchNamespace`,
 //! RBAC as Roles there), so it never touches other tests' Spaces.
 
 mod support;
 
 use std::net::TcpListener;
-use std::path::Path;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use hangar::space::Space;
-use hangar::space::naming::{HEAD_SHA_ANNOTATION, activity_lease_name};
+use hangar::space::naming::{FREEZER_ANNOTATION, HEAD_SHA_ANNOTATION, activity_lease_name};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{Node, Pod};
-use kube::api::{Api, ListParams};
+use kube::api::{Api, ListParams, Patch, PatchParams};
 use serde_json::json;
-use support::{TestEnv, TestNamespace, http_client, repo_root, run, run_ok, wait_for};
+use support::{TestNamespace, http_client, repo_root, run, run_ok, wait_for};
 
 /// The chart ships the CRD `hangar crd` generates: its copy must match `crds/space.yaml`.
 #[test]
@@ -41,46 +39,6 @@ fn the_charts_crd_is_the_generated_one() {
 
 fn free_port() -> u16 {
     TcpListener::bind("0.0.0.0:0").expect("bind").local_addr().expect("addr").port()
-}
-
-/// Debian's docker client (20.10): it has BuildKit built in (the newer client first on PATH
-/// needs the buildx plugin, which is not installed). The Dockerfile's unused `build` stage
-/// (a Rust image) is skipped only by BuildKit.
-fn buildkit_docker(env: &TestEnv) -> Command {
-    let client = Path::new("/usr/bin/docker");
-    assert!(client.is_file(), "Debian's docker client /usr/bin/docker is missing: run `scripts/testenv install`");
-    let mut c = Command::new(client);
-    c.env("DOCKER_HOST", &env.docker_host).env("DOCKER_BUILDKIT", "1");
-    c
-}
-
-/// Builds the hangar image from the Dockerfile and pushes it; returns (reference, size in bytes).
-fn build_and_push_image(env: &TestEnv, tag: &str) -> (String, u64) {
-    let context = tempfile::tempdir().expect("tempdir");
-    std::fs::copy(repo_root().join("Dockerfile"), context.path().join("Dockerfile")).expect("copy Dockerfile");
-    let binary = context.path().join("hangar");
-    std::fs::copy(env!("CARGO_BIN_EXE_hangar"), &binary).expect("copy binary");
-    run_ok(Command::new("strip").arg(&binary));
-    let image = format!("{}/hangar:{tag}", env.registry);
-    let started = Instant::now();
-    run_ok(
-        buildkit_docker(env)
-            .args(["build", "-q", "-t", &image])
-            .args(["--build-arg", "BINARY_FROM=prebuilt", "--build-arg", "HANGAR_BINARY=hangar"])
-            .arg("--build-arg")
-            .arg(format!("BASE_IMAGE={}", env.python_image))
-            .arg(context.path()),
-    );
-    eprintln!("hangar image {image} built in {:.1}s", started.elapsed().as_secs_f64());
-    // The image runs on its own (loader and libraries are all in it).
-    let version = run_ok(env.docker().args(["run", "--rm", &image, "--version"]));
-    assert!(version.starts_with("hangar "), "{version}");
-    let size: u64 =
-        run_ok(env.docker().args(["image", "inspect", "-f", "{{.Size}}", &image])).trim().parse().expect("image size");
-    let started = Instant::now();
-    run_ok(env.docker().args(["push", "-q", &image]));
-    eprintln!("pushed in {:.1}s", started.elapsed().as_secs_f64());
-    (image, size)
 }
 
 /// `kubectl auth can-i` as a ServiceAccount: true when allowed. `resource` may name a
@@ -138,6 +96,7 @@ async fn helm_install_runs_hangar_with_the_charts_rbac_and_uninstall_leaves_noth
         ("proxy.port=0", "port"),
         ("operator.leaderElection=false,operator.replicas=2", "leaderElection"),
         ("nodeAgent.freezeAfter.cpu=soon", "freezeAfter"),
+        ("operator.builder.dockerSocketGroup=docker", "dockerSocketGroup"),
     ] {
         let err = support::run_fails(helm().args(["template", "bad"]).arg(&chart).args(["--set", bad]));
         assert!(err.contains(why), "--set {bad}: {err}");
@@ -180,7 +139,7 @@ async fn helm_install_runs_hangar_with_the_charts_rbac_and_uninstall_leaves_noth
     assert!(dry.contains("(server dry run)"), "{dry}");
 
     // The image.
-    let (image, image_size) = build_and_push_image(&env, &ns.name);
+    let (image, _) = support::image::build_and_push_hangar(&env, &ns.name);
     let (repository, tag) = image.rsplit_once(':').expect("image tag");
 
     // Install: all three components on the real node, watching this namespace.
@@ -302,6 +261,10 @@ async fn helm_install_runs_hangar_with_the_charts_rbac_and_uninstall_leaves_noth
         ("hgr-hangar-operator", "delete", "leases.coordination.k8s.io", false),
         ("hgr-hangar-proxy", "watch", "endpointslices.discovery.k8s.io", true),
         ("hgr-hangar-proxy", "patch", "leases.coordination.k8s.io", true),
+        // The internet-facing proxy reads no Secret (private Spaces' token hashes are in their status).
+        ("hgr-hangar-proxy", "get", "secrets", false),
+        ("hgr-hangar-proxy", "list", "secrets", false),
+        ("hgr-hangar-proxy", "watch", "secrets", false),
         ("hgr-hangar-proxy", "patch", "spaces.hangar.dev", false),
         ("hgr-hangar-proxy", "create", "deployments.apps", false),
         ("hgr-hangar-proxy", "delete", "leases.coordination.k8s.io", false),
@@ -443,7 +406,6 @@ async fn helm_install_runs_hangar_with_the_charts_rbac_and_uninstall_leaves_noth
     .await;
     eprintln!("helm uninstall -> pods gone: {:.1}s", uninstalled.elapsed().as_secs_f64());
     let _ = env.docker().args(["rmi", &image]).output();
-    eprintln!("hangar image: {:.1} MB", image_size as f64 / 1e6);
 }
 
 /// The default mode (`watchNamespace` empty): ClusterRoles, so the components serve Spaces in
@@ -491,17 +453,20 @@ async fn cluster_wide_rbac_grants_only_what_each_component_uses() {
         ("wide-hangar-operator", "list", "secrets", false),
         ("wide-hangar-operator", "create", "secrets", false),
         ("wide-hangar-operator", "list", "nodes", false),
-        ("wide-hangar-proxy", "list", "secrets", true),
         ("wide-hangar-proxy", "get", "secrets", false),
+        ("wide-hangar-proxy", "list", "secrets", false),
+        ("wide-hangar-proxy", "watch", "secrets", false),
+        ("wide-hangar-operator", "watch", "secrets", false),
         ("wide-hangar-proxy", "patch", "leases.coordination.k8s.io", true),
         ("wide-hangar-proxy", "create", "leases.coordination.k8s.io", false),
         ("wide-hangar-proxy", "list", "pods", false),
         // The frozen tier: the operator records decisions on pods, the node agent acts on them
-        // and advertises itself on its Node, the proxy reads that.
+        // (its own node's, by admission policy); the proxy finds it at its Node's InternalIP.
         ("wide-hangar-operator", "patch", "pods", true),
         ("wide-hangar-node-agent", "watch", "pods", true),
         ("wide-hangar-node-agent", "patch", "pods", true),
-        ("wide-hangar-node-agent", "patch", "nodes", true),
+        ("wide-hangar-node-agent", "patch", "nodes", false),
+        ("wide-hangar-node-agent", "get", "nodes", false),
         ("wide-hangar-node-agent", "delete", "pods", false),
         ("wide-hangar-node-agent", "get", "secrets", false),
         ("wide-hangar-proxy", "get", "nodes", true),
@@ -530,4 +495,144 @@ async fn cluster_wide_rbac_grants_only_what_each_component_uses() {
     ));
     run_ok(helm().args(["uninstall", release, "--wait", "--timeout", "60s"]));
     assert_eq!(cluster_rbac().trim(), "", "ClusterRoles left behind by helm uninstall");
+}
+
+/// A node agent's token (bound to its node, as a DaemonSet pod's is) may change the one
+/// annotation it writes on the Space pods of its own node, and nothing else: not a pod on
+/// another node, not another field, not a Node (the chart's ValidatingAdmissionPolicy and
+/// RBAC). A token bound to no node may change nothing.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_node_agents_token_reaches_only_its_own_nodes_space_pods() {
+    let ns = TestNamespace::new("helm-agent", &["kube-apiserver"]).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    support::chart::install(&ns, "confined", dir.path(), json!({}));
+    let sa = "confined-hangar-node-agent";
+    let kwok_node = {
+        let nodes: Api<Node> = Api::all(ns.client.clone());
+        let list = nodes.list(&ListParams::default().labels("hangar.dev/test-node=kwok")).await.expect("nodes");
+        list.items.into_iter().find_map(|n| n.metadata.name).expect("a kwok node")
+    };
+    let pods: Api<Pod> = ns.api();
+    let real = ns.env.real_node.clone();
+    for (name, node, space) in [("own", &real, true), ("other", &kwok_node, true), ("not-a-space", &real, false)] {
+        let pod: Pod = serde_json::from_value(json!({
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": name, "labels": if space { json!({"hangar.dev/space": "s"}) } else { json!({}) }},
+            // Never started: bound to the node by name, no image pulled.
+            "spec": {"nodeName": node, "tolerations": [{"operator": "Exists"}],
+                     "containers": [{"name": "app", "image": ns.env.static_image, "imagePullPolicy": "Never"}]},
+        }))
+        .expect("pod");
+        pods.create(&Default::default(), &pod).await.expect("create pod");
+    }
+    let bound = run_ok(
+        ns.kubectl()
+            .args(["create", "token", sa, "--duration=10m", "--bound-object-kind=Node"])
+            .arg(format!("--bound-object-name={}", ns.env.real_node)),
+    );
+    let agent =
+        support::chart::client_from(&support::chart::token_kubeconfig(&ns, "agent", bound.trim(), dir.path())).await;
+    let as_agent: Api<Pod> = Api::namespaced(agent.clone(), &ns.name);
+    let annotate = |key: &str| json!({"metadata": {"annotations": {key: "{\"state\":\"Thawed\"}"}}});
+    let patch = |api: &Api<Pod>, name: &str, body: serde_json::Value| {
+        let (api, name) = (api.clone(), name.to_owned());
+        async move { api.patch(&name, &PatchParams::default(), &Patch::Merge(body)).await.map(|_| ()) }
+    };
+    // The API server loads a new policy within about a second: until then the patch passes.
+    wait_for("the admission policy refusing a pod on another node", Duration::from_secs(30), || async {
+        match patch(&as_agent, "other", annotate(FREEZER_ANNOTATION)).await {
+            Err(kube::Error::Api(e)) if e.code == 403 => Ok(Some(())),
+            Err(e) => Err(e.into()),
+            Ok(()) => Ok(None),
+        }
+    })
+    .await;
+    patch(&as_agent, "own", annotate(FREEZER_ANNOTATION))
+        .await
+        .expect("the agent records its freezer state on its own node's pod");
+    for (pod, body, why) in [
+        ("other", annotate(FREEZER_ANNOTATION), "a pod on another node"),
+        ("own", annotate("hangar.dev/freeze"), "the operator's annotation"),
+        ("own", json!({"metadata": {"labels": {"hangar.dev/space": "another"}}}), "a label"),
+        ("not-a-space", annotate(FREEZER_ANNOTATION), "a pod that is no Space's"),
+    ] {
+        let refused = patch(&as_agent, pod, body).await.expect_err(why);
+        assert!(matches!(&refused, kube::Error::Api(e) if e.code == 403), "{why}: {refused}");
+    }
+    let nodes: Api<Node> = Api::all(agent);
+    let advertise = json!({"metadata": {"annotations": {"hangar.dev/node-agent": "http://elsewhere:1"}}});
+    let refused = nodes
+        .patch(&ns.env.real_node, &PatchParams::default(), &Patch::Merge(advertise))
+        .await
+        .expect_err("an agent may not patch its Node");
+    assert!(matches!(&refused, kube::Error::Api(e) if e.code == 403), "{refused}");
+    // A token that names no node (not a DaemonSet pod's) may change nothing.
+    let unbound = run_ok(ns.kubectl().args(["create", "token", sa, "--duration=10m"]));
+    let unbound =
+        support::chart::client_from(&support::chart::token_kubeconfig(&ns, "unbound", unbound.trim(), dir.path()))
+            .await;
+    let refused = patch(&Api::namespaced(unbound, &ns.name), "own", annotate(FREEZER_ANNOTATION))
+        .await
+        .expect_err("a token bound to no node");
+    assert!(matches!(&refused, kube::Error::Api(e) if e.code == 403), "{refused}");
+    run_ok(ns.env.helm(&dir.path().join("helm")).args(["uninstall", "confined", "-n", &ns.name, "--wait"]));
+}
+
+/// The chart's NetworkPolicies render and the API server accepts them: Space pods take
+/// traffic from the proxy only and reach neither each other nor the cluster's private
+/// ranges; each hangar component accepts only its own ports, the node agent only the proxy.
+/// (Whether a cluster enforces them is its network plugin's business.)
+#[tokio::test(flavor = "multi_thread")]
+async fn network_policies_render_and_the_api_server_accepts_them() {
+    let ns = TestNamespace::new("helm-netpol", &["kube-apiserver"]).await;
+    let helm_home = tempfile::tempdir().expect("helm home");
+    let rendered = run_ok(
+        ns.env
+            .helm(helm_home.path())
+            .args(["template", "np", "-n", &ns.name])
+            .arg(repo_root().join("charts/hangar"))
+            .args([
+                "--set",
+                &format!("watchNamespace={}", ns.name),
+                "--set",
+                "networkPolicies.proxyCIDRs={10.1.2.3/32}",
+            ]),
+    );
+    let policies: Vec<serde_json::Value> = rendered
+        .split("\n---")
+        .filter_map(|doc| serde_yaml_ng::from_str::<serde_json::Value>(doc).ok())
+        .filter(|v| v["kind"] == "NetworkPolicy")
+        .collect();
+    let named = |name: &str| {
+        policies.iter().find(|p| p["metadata"]["name"] == name).unwrap_or_else(|| panic!("no NetworkPolicy {name}"))
+    };
+    let spaces = &named("np-hangar-spaces")["spec"];
+    assert_eq!(spaces["podSelector"]["matchExpressions"][0]["key"], "hangar.dev/space");
+    assert_eq!(spaces["policyTypes"], json!(["Ingress", "Egress"]));
+    let from = spaces["ingress"][0]["from"].as_array().expect("ingress sources");
+    assert_eq!(from.len(), 2, "the proxy's pods and the extra CIDR, nothing else: {from:?}");
+    assert_eq!(from[0]["podSelector"]["matchLabels"]["app.kubernetes.io/component"], "proxy");
+    assert_eq!(from[1]["ipBlock"]["cidr"], "10.1.2.3/32");
+    let egress = serde_json::to_string(&spaces["egress"]).expect("json");
+    for private in ["10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "169.254.0.0/16"] {
+        assert!(egress.contains(private), "Space egress must except {private}: {egress}");
+    }
+    let agent = &named("np-hangar-node-agent")["spec"]["ingress"][0];
+    assert_eq!(agent["from"][0]["podSelector"]["matchLabels"]["app.kubernetes.io/component"], "proxy");
+    assert_eq!(agent["ports"], json!([{"port": 9450, "protocol": "TCP"}]));
+    for component in ["operator", "proxy", "webhook"] {
+        let ingress = &named(&format!("np-hangar-{component}"))["spec"]["ingress"];
+        assert!(ingress[0].get("from").is_none() && ingress[0]["ports"].is_array(), "{component}: its ports only");
+    }
+    let dry = support::run_with_input(
+        ns.env.kubectl().args(["apply", "--dry-run=server", "-n", &ns.name, "-f", "-"]),
+        &rendered,
+    )
+    .unwrap_or_else(|e| panic!("the API server rejects the rendered chart: {e}"));
+    for name in ["spaces", "operator", "proxy", "webhook", "node-agent"] {
+        assert!(
+            dry.contains(&format!("networkpolicy.networking.k8s.io/np-hangar-{name} created (server dry run)")),
+            "{dry}"
+        );
+    }
 }

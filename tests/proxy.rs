@@ -8,9 +8,9 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use futures::{SinkExt, StreamExt};
-use hangar::proxy::auth::token_digest;
 use hangar::proxy::{Access, MemorySource, SourceError, SpaceRoute};
 use hangar::space::Stage;
+use hangar::space::access_token::{ExpectedToken, TokenKey};
 use http::HeaderValue;
 use proxy_support::*;
 use tokio_tungstenite::tungstenite::Message;
@@ -437,7 +437,8 @@ async fn private_spaces_need_the_token_which_is_not_forwarded() {
     let up = Upstream::start("secret").await;
     let source = MemorySource::new(DOMAIN);
     let mut route = running("alice", "private", up.addr);
-    route.access = Access::Private { token_sha256: Some(token_digest(b"hf_s3cret")) };
+    let token_key = Arc::new(TokenKey::random().expect("key"));
+    route.access = Access::Private { token: Some(ExpectedToken::new(&token_key, b"hf_s3cret")) };
     source.upsert(route);
     let p = proxy(&source, |_| {}).await;
     let c = client();
@@ -453,7 +454,7 @@ async fn private_spaces_need_the_token_which_is_not_forwarded() {
     // Unauthenticated requests do not wake a private Space.
     let mut asleep = SpaceRoute::new(key("alice", "private-asleep"));
     asleep.stage = Some(Stage::Sleeping);
-    asleep.access = Access::Private { token_sha256: Some(token_digest(b"t")) };
+    asleep.access = Access::Private { token: Some(ExpectedToken::new(&token_key, b"t")) };
     source.upsert(asleep);
     assert_eq!(c.get(url(&p, "alice", "private-asleep", "/")).send().await.expect("request").status(), 401);
     assert_eq!(source.wakes(&key("alice", "private-asleep")), 0);

@@ -1,7 +1,8 @@
 //! Cluster tier: the Kubernetes route source against the test bed's real
-//! kube-apiserver. Spaces, EndpointSlices and Secrets are real API objects the
-//! source watches, and the test plays the operator's part: it flips
-//! `status.stage` and endpoint readiness when the Lease says "wake".
+//! kube-apiserver. Spaces and EndpointSlices are real API objects the source
+//! watches, and the test plays the operator's part: it flips `status.stage`
+//! and endpoint readiness when the Lease says "wake", and publishes a private
+//! Space's token hash (`status.tokenHmac`).
 //!
 //! The apiserver refuses loopback endpoint addresses, so the slices carry a
 //! documentation address (192.0.2.10, never contacted) and a thin wrapper maps
@@ -16,9 +17,9 @@ use std::time::{Duration, Instant, SystemTime};
 
 use futures::future::BoxFuture;
 use hangar::proxy::{KubeSource, KubeSourceConfig, ProxyConfig, RouteSource, RouteTable, SourceError, SpaceKey};
+use hangar::space::access_token::TokenKey;
 use hangar::space::{Space, naming};
 use k8s_openapi::api::coordination::v1::Lease;
-use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 use proxy_support::{DOMAIN, Upstream, client};
@@ -114,7 +115,6 @@ async fn kubernetes_source_routes_wakes_through_the_lease_and_checks_tokens() {
     let spaces: Api<Space> = ns.api();
     let slices: Api<EndpointSlice> = ns.api();
     let leases: Api<Lease> = ns.api();
-    let secrets: Api<Secret> = ns.api();
 
     for (name, visibility) in [("demo", "public"), ("secret", "private")] {
         let space: Space = serde_json::from_value(json!({
@@ -127,19 +127,14 @@ async fn kubernetes_source_routes_wakes_through_the_lease_and_checks_tokens() {
         set_stage(&spaces, name, "RUNNING").await;
         slices.create(&PostParams::default(), &endpoint_slice(name, port, true)).await.expect("creating a slice");
     }
-    let token: Secret = serde_json::from_value(json!({
-        "apiVersion": "v1", "kind": "Secret",
-        "metadata": {"name": hangar::space::naming::token_secret_name("secret"),
-                     "labels": {naming::SPACE_LABEL: "secret"}},
-        "stringData": {"token": "hf_cluster_token"},
-    }))
-    .expect("secret");
-    secrets.create(&PostParams::default(), &token).await.expect("creating the token Secret");
+    let token_key = Arc::new(TokenKey::random().expect("token key"));
+    let published = json!({"status": {"tokenHmac": token_key.publish(b"hf_cluster_token")}});
+    spaces.patch_status("secret", &PatchParams::default(), &Patch::Merge(published)).await.expect("token hash");
 
     let cancel = CancellationToken::new();
     let source = KubeSource::start(
         ns.client.clone(),
-        KubeSourceConfig { domain: DOMAIN.into(), namespace: Some(ns.name.clone()) },
+        KubeSourceConfig { domain: DOMAIN.into(), namespace: Some(ns.name.clone()), token_key: Some(token_key) },
         cancel.clone(),
     );
     tokio::time::timeout(Duration::from_secs(30), source.synced()).await.expect("the source syncs");
@@ -223,7 +218,7 @@ async fn kubernetes_source_routes_wakes_through_the_lease_and_checks_tokens() {
     let wakes = format!(r#"hangar_proxy_wakes_total{{namespace="{}",space="demo",tier="stopped"}} 1"#, ns.name);
     assert!(metrics.contains(&wakes), "exactly one wake for 30 requests:\n{metrics}");
 
-    // Private Space: token from the watched Secret.
+    // Private Space: checked against the published token hash.
     let secret_host = naming::host(&ns.name, "secret", DOMAIN);
     let private = |token: Option<&str>| {
         let r = c.get(format!("http://{}/whoami", proxy.addr)).header("host", secret_host.clone());
@@ -319,7 +314,7 @@ async fn the_older_of_two_spaces_sharing_a_host_keeps_it() {
 
         // The proxy (all namespaces): the host answers from the older Space, the path from each.
         let cancel = CancellationToken::new();
-        let config = KubeSourceConfig { domain: DOMAIN.into(), namespace: None };
+        let config = KubeSourceConfig { domain: DOMAIN.into(), namespace: None, token_key: None };
         let source = KubeSource::start(ns.client.clone(), config, cancel.clone());
         let mut routes = source.routes();
         tokio::time::timeout(

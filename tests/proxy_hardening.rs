@@ -9,8 +9,8 @@ mod slow_client;
 use std::time::Duration;
 
 use hangar::http_server::Limits;
-use hangar::proxy::auth::token_digest;
 use hangar::proxy::{Access, MemorySource, SpaceRoute};
+use hangar::space::access_token::{ExpectedToken, TokenKey};
 use http::HeaderValue;
 use proxy_support::*;
 
@@ -23,7 +23,8 @@ fn spaces(source: &MemorySource, up: &Upstream, tweak: impl Fn(&mut SpaceRoute))
     tweak(&mut open);
     source.upsert(open);
     let mut closed = running("alice", "closed", up.addr);
-    closed.access = Access::Private { token_sha256: Some(token_digest(TOKEN.as_bytes())) };
+    let key = std::sync::Arc::new(TokenKey::random().expect("key"));
+    closed.access = Access::Private { token: Some(ExpectedToken::new(&key, TOKEN.as_bytes())) };
     tweak(&mut closed);
     source.upsert(closed);
 }

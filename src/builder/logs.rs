@@ -15,7 +15,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
 use futures::Stream;
-use http::StatusCode;
+use http::{HeaderMap, StatusCode};
 use serde::Serialize;
 use tokio::sync::broadcast;
 
@@ -275,11 +275,43 @@ pub async fn pump_lines(
 }
 
 /// `GET /api/spaces/{owner}/{name}/logs/{build|run}` over `store`.
-pub fn router(store: LogStore) -> Router {
-    Router::new().route("/api/spaces/{owner}/{name}/logs/{kind}", get(logs)).with_state(store)
+/// Who may read a Space's logs, given `(owner, name, request headers)`:
+/// `None` for a Space that does not exist, else whether the request may see it
+/// (a private Space's logs want its token, as its traffic does).
+pub type LogAccess = Arc<dyn Fn(&str, &str, &HeaderMap) -> Option<bool> + Send + Sync>;
+
+#[derive(Clone)]
+struct LogsState {
+    store: LogStore,
+    access: LogAccess,
 }
 
-async fn logs(State(store): State<LogStore>, Path((owner, name, kind)): Path<(String, String, String)>) -> Response {
+pub fn router(store: LogStore, access: LogAccess) -> Router {
+    Router::new().route("/api/spaces/{owner}/{name}/logs/{kind}", get(logs)).with_state(LogsState { store, access })
+}
+
+async fn logs(
+    State(LogsState { store, access }): State<LogsState>,
+    Path((owner, name, kind)): Path<(String, String, String)>,
+    headers: HeaderMap,
+) -> Response {
+    let id = space_id(&owner, &name);
+    match access(&owner, &name, &headers) {
+        Some(true) => {}
+        // The same answer for no Space and a Space without its logs: nothing to see either way.
+        None => {
+            return (StatusCode::NOT_FOUND, Json(serde_json::json!({"error": format!("no Space {id}")})))
+                .into_response();
+        }
+        Some(false) => {
+            return (
+                StatusCode::UNAUTHORIZED,
+                [(http::header::WWW_AUTHENTICATE, "Bearer")],
+                Json(serde_json::json!({"error": format!("{id} is private: send Authorization: Bearer <its token>")})),
+            )
+                .into_response();
+        }
+    }
     let kind = match kind.as_str() {
         "build" => LogKind::Build,
         "run" => LogKind::Run,
@@ -291,7 +323,6 @@ async fn logs(State(store): State<LogStore>, Path((owner, name, kind)): Path<(St
                 .into_response();
         }
     };
-    let id = space_id(&owner, &name);
     let Some(sub) = store.subscribe(&id, kind) else {
         return (StatusCode::NOT_FOUND, Json(serde_json::json!({"error": format!("no {kind:?} logs for {id}")})))
             .into_response();

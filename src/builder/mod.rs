@@ -21,7 +21,7 @@
 //!     Err(failure) => println!("{:?}: {}", failure.stage, failure.message),
 //! }
 //! // The build's lines, live: builder.logs().subscribe("alice/demo", LogKind::Build),
-//! // over HTTP: hangar::builder::logs::router(builder.logs().clone()) (hub-shaped SSE);
+//! // over HTTP: hangar::builder::logs::router(builder.logs().clone(), access) (hub-shaped SSE);
 //! // run logs: logs::pump_lines(pod log stream) or Engine::follow_container_logs.
 //! # Ok(()) }
 //! ```

@@ -212,6 +212,14 @@ pub async fn run(args: UpArgs) -> crate::Result<()> {
         .map(|s| s.spaces.into_iter().map(|s| (s.id.clone(), s)).collect())
         .unwrap_or_default();
     let book = Book::new(&state_dir, dir.clone(), proxy.addr.to_string());
+    // The token is checked against its keyed hash, as in the cluster (one check for both).
+    let token = match &args.token {
+        Some(t) => {
+            let key = Arc::new(crate::space::access_token::TokenKey::random().map_err(crate::Error::Invalid)?);
+            Some(crate::space::access_token::ExpectedToken::new(&key, t.as_bytes()))
+        }
+        None => None,
+    };
     let ctx = Arc::new(Ctx {
         builder,
         runtime,
@@ -222,7 +230,7 @@ pub async fn run(args: UpArgs) -> crate::Result<()> {
         state_dir: state_dir.clone(),
         up_dir,
         keep_running: args.keep_running,
-        token_sha256: args.token.as_deref().map(|t| crate::proxy::auth::token_digest(t.as_bytes())),
+        token,
         started,
         // The cluster skips freezing GPU flavors (a frozen pod keeps its GPU);
         // local containers get no GPU, so every flavor freezes alike.
@@ -235,8 +243,16 @@ pub async fn run(args: UpArgs) -> crate::Result<()> {
         .await
         .map_err(|e| crate::Error::Invalid(format!("cannot serve the logs API on {}: {e}", args.logs_listen)))?;
     let logs_addr = logs_listener.local_addr()?;
+    let logs_routes = source.routes();
     let logs_task = tokio::spawn(async move {
-        let router = crate::builder::logs::router(logs)
+        // Private Spaces' logs want their token, as their traffic does: the proxy's own check.
+        let routes = logs_routes;
+        let access: crate::builder::logs::LogAccess =
+            Arc::new(move |owner: &str, name: &str, headers: &http::HeaderMap| {
+                let table = routes.borrow();
+                table.get(&SpaceKey::new(owner, name)).map(|r| crate::proxy::auth::allowed(&r.access, headers))
+            });
+        let router = crate::builder::logs::router(logs, access)
             .route("/metrics", axum::routing::get(move || async move { metrics.encode() }));
         let limits = crate::http_server::Limits::default();
         if let Err(e) = crate::http_server::serve(logs_listener, router, limits, std::future::pending()).await {

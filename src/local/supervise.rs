@@ -49,7 +49,8 @@ pub struct Ctx {
     pub state_dir: PathBuf,
     pub up_dir: String,
     pub keep_running: bool,
-    pub token_sha256: Option<[u8; 32]>,
+    /// What private Spaces expect (`--token`, keyed with a key of this process).
+    pub token: Option<crate::space::access_token::ExpectedToken>,
     /// When `hangar up` started (for the time-to-first-answer line).
     pub started: Instant,
     /// Default freeze times per flavor (a Space's `freezeAfter` wins).
@@ -168,7 +169,7 @@ pub fn initial_route(ctx: &Ctx, space: &LocalSpace) -> SpaceRoute {
     route.stage = Some(Stage::Building);
     route.paused = space.spec.paused;
     if space.spec.visibility == Visibility::Private {
-        route.access = Access::Private { token_sha256: ctx.token_sha256 };
+        route.access = Access::Private { token: ctx.token.clone() };
     }
     route
 }

@@ -4,30 +4,30 @@
 //! It watches the Space pods on its node and converges each to the
 //! operator's decision (the pod's `hangar.dev/freeze` annotation), and serves
 //! an authenticated `POST /thaw` for the proxy that returns once the cgroup is
-//! THAWED: the wake path never waits on the apiserver. It advertises its URL
-//! on its Node (`hangar.dev/node-agent`), where the proxy looks it up.
+//! THAWED: the wake path never waits on the apiserver. It listens on its
+//! node's address at a fixed port (hostPort or host network), where the proxy
+//! finds it from the Node's `InternalIP`: an agent advertises nothing, so it
+//! cannot redirect another node's thaw calls.
 
 pub mod agent;
 pub mod api;
 pub mod cgroup;
 pub mod decision;
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt;
-use k8s_openapi::api::core::v1::{Node, Pod};
-use kube::api::{Patch, PatchParams};
+use k8s_openapi::api::core::v1::Pod;
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client};
 use prometheus_client::registry::Registry;
-use serde_json::json;
 use tokio::sync::watch;
 
-use crate::space::naming::{self, SPACE_LABEL};
+use crate::space::naming::SPACE_LABEL;
 use agent::Agent;
 use cgroup::Cgroups;
 
@@ -43,12 +43,6 @@ pub struct NodeAgentArgs {
     /// Address of the thaw API.
     #[arg(long, env = "HANGAR_NODE_AGENT_LISTEN", default_value = "0.0.0.0:9450")]
     pub listen: SocketAddr,
-    /// URL the proxy reaches the API at; default: `http://<--advertise-ip or the listen address>:<port>`.
-    #[arg(long, env = "HANGAR_NODE_AGENT_URL")]
-    pub advertise_url: Option<String>,
-    /// IP to advertise when listening on all addresses (the DaemonSet passes the pod IP).
-    #[arg(long, env = "POD_IP")]
-    pub advertise_ip: Option<std::net::IpAddr>,
     /// File holding the bearer token callers must send (a mounted Secret).
     #[arg(long, env = "HANGAR_NODE_AGENT_TOKEN_FILE")]
     pub token_file: PathBuf,
@@ -60,16 +54,6 @@ pub struct NodeAgentArgs {
     pub namespace: Option<String>,
     #[command(flatten)]
     pub limits: crate::http_server::Limits,
-}
-
-impl NodeAgentArgs {
-    fn url(&self, bound: SocketAddr) -> String {
-        if let Some(url) = &self.advertise_url {
-            return url.clone();
-        }
-        let ip = if bound.ip().is_unspecified() { self.advertise_ip.unwrap_or(bound.ip()) } else { bound.ip() };
-        format!("http://{}", SocketAddr::new(ip, bound.port()))
-    }
 }
 
 /// Reads a token file: its content without surrounding whitespace, never empty.
@@ -94,29 +78,11 @@ pub async fn run(args: NodeAgentArgs) -> crate::Result<()> {
     let (synced_tx, synced) = watch::channel(false);
     let listener = tokio::net::TcpListener::bind(args.listen).await?;
     let bound = listener.local_addr()?;
-    let url = args.url(bound);
-    tokio::spawn(watch_pods(client.clone(), args.clone(), Arc::clone(&agent), synced_tx));
-    tokio::spawn(advertise(client, args.node_name.clone(), args.namespace.clone(), url.clone()));
-    tracing::info!(%url, "thaw API listening");
+    tokio::spawn(watch_pods(client, args.clone(), Arc::clone(&agent), synced_tx));
+    tracing::info!(addr = %bound, "thaw API listening");
     let app = api::router(api::ApiState::new(agent, &token, registry, synced));
     crate::http_server::serve(listener, app, args.limits, crate::shutdown::signal()).await?;
     Ok(())
-}
-
-/// Publishes the API's URL on the Node; retried until it sticks.
-async fn advertise(client: Client, node: String, namespace: Option<String>, url: String) {
-    let api: Api<Node> = Api::all(client);
-    let key = naming::node_agent_annotation(namespace.as_deref());
-    let patch = json!({"metadata": {"annotations": BTreeMap::from([(key, url)])}});
-    let mut delay = Duration::from_millis(200);
-    loop {
-        match api.patch(&node, &PatchParams::default(), &Patch::Merge(&patch)).await {
-            Ok(_) => return,
-            Err(e) => tracing::warn!(%node, error = %e, "cannot advertise the node agent on its Node; retrying"),
-        }
-        tokio::time::sleep(delay).await;
-        delay = (delay * 2).min(Duration::from_secs(30));
-    }
 }
 
 /// Watches the Space pods on the node and converges each one it sees change.

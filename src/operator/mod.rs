@@ -6,6 +6,7 @@ pub mod cache;
 pub mod leader;
 pub mod metrics;
 pub mod placement;
+pub mod private_tokens;
 pub mod reconcile;
 pub mod render;
 pub mod run_logs;
@@ -73,10 +74,31 @@ pub struct OperatorArgs {
     /// caches; the bound keeps a burst of new Spaces from flooding the apiserver.
     #[arg(long, env = "HANGAR_RECONCILE_CONCURRENCY", default_value_t = 16)]
     pub reconcile_concurrency: u16,
+    /// File with the key private Spaces' tokens are hashed with for the proxy
+    /// (the proxy's `--token-key-file`); without it no private Space can be reached.
+    #[arg(long, env = "HANGAR_TOKEN_KEY_FILE")]
+    pub token_key_file: Option<PathBuf>,
+    /// How often a private Space's token Secret is read again (a rotated token
+    /// takes effect within this time, or at once with any change of the Space's spec).
+    #[arg(long, env = "HANGAR_TOKEN_RESYNC", default_value = "30s", value_parser = parse_duration)]
+    pub token_resync: std::time::Duration,
     #[command(flatten)]
     pub build: BuildArgs,
     #[command(flatten)]
     pub limits: crate::http_server::Limits,
+}
+
+fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
+    crate::space::duration::parse(s).map_err(|e| e.to_string())
+}
+
+/// Reads the token key file shared by the operator and the proxy.
+pub fn read_token_key(path: &std::path::Path) -> crate::Result<Arc<crate::space::access_token::TokenKey>> {
+    let bytes =
+        std::fs::read(path).map_err(|e| crate::Error::Invalid(format!("token key file {}: {e}", path.display())))?;
+    crate::space::access_token::TokenKey::new(bytes.trim_ascii())
+        .map(Arc::new)
+        .map_err(|e| crate::Error::Invalid(format!("token key file {}: {e}", path.display())))
 }
 
 /// Where the operator builds Space repositories (no `--registry`: no builds).
@@ -184,6 +206,10 @@ pub async fn run(args: OperatorArgs) -> crate::Result<()> {
             .map_err(|e| crate::Error::Invalid(format!("{}: {e}", path.display())))?,
         None => placement::HardwareMapping::default(),
     };
+    let token_key = args.token_key_file.as_deref().map(read_token_key).transpose()?;
+    if token_key.is_none() {
+        tracing::warn!("no --token-key-file: private Spaces get no token hash, so nobody can reach them");
+    }
     let client = Client::try_default().await?;
     let builder = args.build.builder().await?;
     let (triggers, triggered) = tokio::sync::mpsc::unbounded_channel();
@@ -198,9 +224,19 @@ pub async fn run(args: OperatorArgs) -> crate::Result<()> {
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics_handler))
         .with_state(state);
-    // Build and run logs, shaped like the hub's logs API.
+    // Build and run logs, shaped like the hub's logs API. A private Space's
+    // logs want its token, checked as the proxy checks its traffic.
+    let (spaces, writer) = reflector::store::<Space>();
+    let access: crate::builder::logs::LogAccess = {
+        let (spaces, key) = (spaces.clone(), token_key.clone());
+        Arc::new(move |owner: &str, name: &str, headers: &axum::http::HeaderMap| {
+            let space = spaces.get(&reflector::ObjectRef::new(name).within(owner))?;
+            let access = crate::proxy::kubernetes::access_of(&space, key.as_ref());
+            Some(crate::proxy::auth::allowed(&access, headers))
+        })
+    };
     let app = match builds.builder() {
-        Some(builder) => app.merge(crate::builder::logs::router(builder.logs().clone())),
+        Some(builder) => app.merge(crate::builder::logs::router(builder.logs().clone(), access)),
         None => app,
     };
     let listener = tokio::net::TcpListener::bind(args.http_addr).await?;
@@ -231,6 +267,8 @@ pub async fn run(args: OperatorArgs) -> crate::Result<()> {
         url_scheme: args.url_scheme,
         mapping,
         sleep_policy: args.sleep.policy(),
+        token_key,
+        token_resync: args.token_resync,
     };
 
     fn api<K>(client: &Client, ns: Option<&str>) -> Api<K>
@@ -246,7 +284,6 @@ pub async fn run(args: OperatorArgs) -> crate::Result<()> {
         api::<Lease>(&client, ns),
         api::<Pod>(&client, ns),
     );
-    let (spaces, writer) = reflector::store();
     let ctx =
         Arc::new(reconcile::Context::new(client.clone(), recorder, metrics, config, builds, caches, spaces.clone()));
     let forgetting = ctx.clone();

@@ -44,6 +44,10 @@ pub struct OperatorConfig {
     pub mapping: HardwareMapping,
     /// Default freeze times per flavor kind (the frozen sleep tier).
     pub sleep_policy: crate::space::SleepPolicy,
+    /// Key of private Spaces' published token hashes (`None`: none published).
+    pub token_key: Option<Arc<crate::space::access_token::TokenKey>>,
+    /// How often a private Space's token Secret is read again.
+    pub token_resync: Duration,
 }
 
 /// What every reconciliation shares.
@@ -55,6 +59,8 @@ pub struct Context {
     pub builds: Arc<Builds>,
     /// What reconciles read instead of asking the apiserver.
     pub caches: Caches,
+    /// Private Spaces' published token MACs.
+    pub tokens: super::private_tokens::PrivateTokens,
     /// The controller's own store of Spaces: a Space missing from it is gone.
     spaces: Store<Space>,
     /// Consecutive failures per Space, for exponential backoff.
@@ -73,6 +79,7 @@ impl Context {
         caches: Caches,
         spaces: Store<Space>,
     ) -> Self {
+        let tokens = super::private_tokens::PrivateTokens::new(config.token_key.clone(), config.token_resync);
         Self {
             client,
             recorder,
@@ -80,6 +87,7 @@ impl Context {
             config,
             builds,
             caches,
+            tokens,
             spaces,
             failures: Mutex::new(HashMap::new()),
             known: Mutex::new(Known::default()),
@@ -94,6 +102,7 @@ impl Context {
         let key = format!("{namespace}/{name}");
         self.metrics.set_stage(&key, None);
         self.builds.forget(namespace, name);
+        self.tokens.forget(namespace, name);
         if let Ok(mut failures) = self.failures.lock() {
             failures.remove(&key);
         }
@@ -291,6 +300,7 @@ async fn reconcile_inner(space: &Space, ctx: &Context) -> Result<Action> {
             format!("{}://{}{}/", ctx.config.url_scheme, ctx.config.domain, naming::path_prefix(&namespace, &name))
         }
     };
+    let token_hmac = ctx.tokens.published(&ctx.client, space).await;
     let facts = Facts {
         generation: space.meta().generation,
         config_error: config.as_ref().and_then(|c| c.as_ref().err()).cloned(),
@@ -306,6 +316,7 @@ async fn reconcile_inner(space: &Space, ctx: &Context) -> Result<Action> {
         pods: &pods,
         previous: space.status.as_ref(),
         build_record: record,
+        token_hmac,
         now,
     };
     let mut desired = status::derive(&facts);
@@ -351,7 +362,8 @@ async fn reconcile_inner(space: &Space, ctx: &Context) -> Result<Action> {
     } else {
         ctx.forget(&namespace, &name);
     }
-    Ok(Action::requeue(decision.recheck_in.map_or(RESYNC, |d| d.min(RESYNC))))
+    let recheck = [decision.recheck_in, ctx.tokens.recheck_in(space)].into_iter().flatten().min();
+    Ok(Action::requeue(recheck.map_or(RESYNC, |d| d.min(RESYNC))))
 }
 
 /// A paused Space that has never run needs nothing but its status: no

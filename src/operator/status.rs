@@ -62,6 +62,8 @@ pub struct Facts<'a> {
     pub previous: Option<&'a SpaceStatus>,
     /// The build record for `status.build` (source Spaces).
     pub build_record: Option<crate::space::BuildStatus>,
+    /// A private Space's published token MAC (`status.tokenHmac`).
+    pub token_hmac: Option<String>,
     pub now: Timestamp,
 }
 
@@ -203,6 +205,7 @@ pub fn derive(facts: &Facts) -> SpaceStatus {
         replicas: Some(ReplicaStatus { requested: facts.replicas_requested, current: ready_replicas }),
         build: facts.build_record.clone(),
         sleep: if stage == Stage::Sleeping { facts.sleep.clone() } else { None },
+        token_hmac: facts.token_hmac.clone(),
     }
 }
 
@@ -263,6 +266,7 @@ mod tests {
             pods,
             previous: None,
             build_record: None,
+            token_hmac: None,
             now: Timestamp::from_second(1_700_000_000).expect("valid time"),
         }
     }

@@ -49,6 +49,13 @@ pub struct ProxyArgs {
     /// through them (without it the proxy assumes no agents, nothing frozen).
     #[arg(long, env = "HANGAR_NODE_AGENT_TOKEN_FILE")]
     pub node_agent_token_file: Option<std::path::PathBuf>,
+    /// The port node agents listen on at their node's InternalIP (the chart's `nodeAgent.port`).
+    #[arg(long, env = "HANGAR_NODE_AGENT_PORT", default_value_t = super::kubernetes::DEFAULT_NODE_AGENT_PORT)]
+    pub node_agent_port: u16,
+    /// File with the key the operator hashes private Spaces' tokens with (the
+    /// operator's `--token-key-file`); without it no private Space can be reached.
+    #[arg(long, env = "HANGAR_TOKEN_KEY_FILE")]
+    pub token_key_file: Option<std::path::PathBuf>,
     /// Threads serving connections, each with its own event loop and upstream pool (0: one per CPU).
     #[arg(long, env = "HANGAR_PROXY_WORKERS", default_value_t = 0)]
     pub workers: usize,
@@ -78,9 +85,13 @@ pub async fn run(args: ProxyArgs) -> crate::Result<()> {
     let cancel = CancellationToken::new();
     let source: Arc<dyn RouteSource> = if args.routes.is_empty() {
         let client = kube::Client::try_default().await?;
-        let config = KubeSourceConfig { domain: args.domain.clone(), namespace: args.namespace.clone() };
+        let token_key = args.token_key_file.as_deref().map(crate::operator::read_token_key).transpose()?;
+        if token_key.is_none() {
+            tracing::warn!("no --token-key-file: every request to a private Space is refused");
+        }
+        let config = KubeSourceConfig { domain: args.domain.clone(), namespace: args.namespace.clone(), token_key };
         let token = args.node_agent_token_file.as_deref().map(crate::node_agent::read_token).transpose()?;
-        let source = KubeSource::start_with_agents(client, config, token, cancel.clone());
+        let source = KubeSource::start_with_agents(client, config, token, args.node_agent_port, cancel.clone());
         source.synced().await;
         tracing::info!("routes synced from the cluster");
         source

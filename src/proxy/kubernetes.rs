@@ -1,6 +1,8 @@
 //! The Kubernetes [`RouteSource`]: routes from watched Spaces, readiness from
-//! watched EndpointSlices, tokens from watched Secrets (no polling), and
-//! activity written to each Space's Lease (the operator's wake signal).
+//! watched EndpointSlices (no polling), and activity written to each Space's
+//! Lease (the operator's wake signal). The proxy reads no Secret: a private
+//! Space's token reaches it only as the keyed hash the operator publishes in
+//! the Space's status ([`crate::space::access_token`]).
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, SocketAddr};
@@ -11,7 +13,6 @@ use futures::future::BoxFuture;
 use futures::{StreamExt, TryStreamExt};
 use http::{HeaderName, HeaderValue};
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
-use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta};
 use kube::api::{Patch, PatchParams};
@@ -21,14 +22,16 @@ use kube::{Api, Client, ResourceExt};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use super::auth::token_digest;
 use super::route::{Access, Frozen, FrozenPod, RouteTable, SpaceKey, SpaceRoute};
 use super::source::{RouteSource, SourceError};
 use super::thaw::NodeAgents;
+use crate::space::access_token::{ExpectedToken, TokenKey};
 use crate::space::app_config::{self, DEFAULT_STARTUP_TIMEOUT};
-use crate::space::naming::{BASE_PATH_ANNOTATION, CUSTOM_HEADERS_ANNOTATION, TOKEN_KEY, token_secret_name};
+use crate::space::naming::{BASE_PATH_ANNOTATION, CUSTOM_HEADERS_ANNOTATION};
 use crate::space::{Sdk, SleepTier, Space, SpaceSpec, Stage, Visibility, naming};
 
+/// The node agents' port unless configured (the chart's `nodeAgent.port`).
+pub const DEFAULT_NODE_AGENT_PORT: u16 = 9450;
 /// Field manager of the proxy's Lease writes.
 pub const FIELD_MANAGER: &str = "hangar-proxy";
 /// The EndpointSlice label naming its Service.
@@ -41,6 +44,9 @@ pub struct KubeSourceConfig {
     pub domain: String,
     /// Watch one namespace only; `None`: all.
     pub namespace: Option<String>,
+    /// The key the operator hashes private Spaces' tokens with; `None`: no
+    /// private Space can be reached.
+    pub token_key: Option<Arc<TokenKey>>,
 }
 
 /// Routes from the cluster; see the module docs.
@@ -55,26 +61,28 @@ impl KubeSource {
     /// Starts the watchers in the background (until `cancel`). Routes appear
     /// as the initial lists arrive; [`KubeSource::synced`] waits for that.
     pub fn start(client: Client, config: KubeSourceConfig, cancel: CancellationToken) -> Arc<Self> {
-        Self::start_with_agents(client, config, None, cancel)
+        Self::start_with_agents(client, config, None, DEFAULT_NODE_AGENT_PORT, cancel)
     }
 
     /// [`KubeSource::start`] with the bearer token of the node agents, which
-    /// thaw frozen Spaces (`None`: no agents, nothing is ever frozen).
+    /// thaw frozen Spaces (`None`: no agents, nothing is ever frozen), and the
+    /// port they listen on at their node's address.
     pub fn start_with_agents(
         client: Client,
         config: KubeSourceConfig,
         node_agent_token: Option<String>,
+        node_agent_port: u16,
         cancel: CancellationToken,
     ) -> Arc<Self> {
         let (tx, _) = watch::channel(Arc::new(RouteTable::new(&config.domain, [])));
         let (synced_tx, synced) = watch::channel(false);
-        let agents = Arc::new(NodeAgents::new(client.clone(), node_agent_token, config.namespace.as_deref()));
+        let agents = Arc::new(NodeAgents::new(client.clone(), node_agent_token, node_agent_port));
         let this = Arc::new(Self { client: client.clone(), tx: tx.clone(), synced, agents });
         tokio::spawn(watch_all(client, config, tx, synced_tx, Arc::clone(&this.agents), cancel));
         this
     }
 
-    /// Waits until Spaces, EndpointSlices and Secrets were all listed once.
+    /// Waits until Spaces and EndpointSlices were both listed once.
     pub async fn synced(&self) {
         let mut rx = self.synced.clone();
         // An error means the watch task ended (cancelled): nothing more to wait for.
@@ -161,7 +169,6 @@ async fn watch_all(
     let ns = config.namespace.as_deref();
     let (spaces, spaces_w) = reflector::store::<Space>();
     let (slices, slices_w) = reflector::store::<EndpointSlice>();
-    let (secrets, secrets_w) = reflector::store::<Secret>();
     let space_events = watcher(api::<Space>(&client, ns), watcher::Config::default())
         .default_backoff()
         .reflect(spaces_w)
@@ -171,17 +178,12 @@ async fn watch_all(
             .default_backoff()
             .reflect(slices_w)
             .map_ok(|_| ());
-    let secret_events = watcher(api::<Secret>(&client, ns), watcher::Config::default().labels(naming::SPACE_LABEL))
-        .default_backoff()
-        .reflect(secrets_w)
-        .map_ok(|_| ());
-    let mut events = futures::stream::select(space_events, futures::stream::select(slice_events, secret_events))
-        .ready_chunks(256)
-        .boxed();
+    let mut events = futures::stream::select(space_events, slice_events).ready_chunks(256).boxed();
     let ready = {
-        let (a, b, c) = (spaces.clone(), slices.clone(), secrets.clone());
-        async move { tokio::try_join!(a.wait_until_ready(), b.wait_until_ready(), c.wait_until_ready()).is_ok() }
+        let (a, b) = (spaces.clone(), slices.clone());
+        async move { tokio::try_join!(a.wait_until_ready(), b.wait_until_ready()).is_ok() }
     };
+    let key = config.token_key.as_ref();
     tokio::pin!(ready);
     let mut is_synced = false;
     loop {
@@ -189,7 +191,7 @@ async fn watch_all(
             () = cancel.cancelled() => return,
             ok = &mut ready, if !is_synced => {
                 is_synced = ok;
-                publish(&tx, &config.domain, &spaces, &slices, &secrets);
+                publish(&tx, &config.domain, &spaces, &slices, key);
                 agents.prepare(&tx.borrow());
                 synced.send_replace(ok);
                 continue;
@@ -205,7 +207,7 @@ async fn watch_all(
             }
         }
         if is_synced {
-            publish(&tx, &config.domain, &spaces, &slices, &secrets);
+            publish(&tx, &config.domain, &spaces, &slices, key);
             agents.prepare(&tx.borrow());
         }
     }
@@ -216,10 +218,38 @@ fn publish(
     domain: &str,
     spaces: &Store<Space>,
     slices: &Store<EndpointSlice>,
-    secrets: &Store<Secret>,
+    key: Option<&Arc<TokenKey>>,
 ) {
-    let table = build_table(domain, &spaces.state(), &slices.state(), &secrets.state());
+    let table = build_table(domain, &spaces.state(), &slices.state(), key);
     tx.send_replace(Arc::new(table));
+}
+
+/// Who may reach `space`: a private one needs the token whose keyed hash its
+/// status carries (published by the operator with the same `key`). Shared by
+/// the proxy and the operator's logs API, so both ask the same of a request.
+pub fn access_of(space: &Space, key: Option<&Arc<TokenKey>>) -> Access {
+    if space.spec.visibility != Visibility::Private {
+        return Access::Public;
+    }
+    let published = space.status.as_ref().and_then(|s| s.token_hmac.as_deref());
+    let token = match (key, published) {
+        (Some(key), Some(published)) => match ExpectedToken::from_published(key, published) {
+            Ok(token) => Some(token),
+            Err(e) => {
+                // Once a minute at most: the routes are rebuilt on every watch event.
+                static LAST_WARNED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+                let now = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+                if now >= LAST_WARNED.load(std::sync::atomic::Ordering::Relaxed) + 60 {
+                    LAST_WARNED.store(now, std::sync::atomic::Ordering::Relaxed);
+                    tracing::warn!(space = %space.name_any(), namespace = ?space.namespace(), error = %e,
+                        "cannot check a private Space's token: refusing its requests");
+                }
+                None
+            }
+        },
+        _ => None,
+    };
+    Access::Private { token }
 }
 
 /// The route table for what the cluster holds now. Pure.
@@ -227,7 +257,7 @@ pub fn build_table(
     domain: &str,
     spaces: &[Arc<Space>],
     slices: &[Arc<EndpointSlice>],
-    secrets: &[Arc<Secret>],
+    key: Option<&Arc<TokenKey>>,
 ) -> RouteTable {
     let mut ready: HashMap<(String, String), Vec<SocketAddr>> = HashMap::new();
     // Every endpoint that is not terminating, ready or not: a frozen Space's
@@ -257,13 +287,6 @@ pub fn build_table(
             }
         }
     }
-    let tokens: HashMap<(String, String), [u8; 32]> = secrets
-        .iter()
-        .filter_map(|s| {
-            let token = s.data.as_ref()?.get(TOKEN_KEY)?;
-            Some(((s.namespace()?, s.name_any()), token_digest(&token.0)))
-        })
-        .collect();
     let routes = spaces.iter().filter_map(|space| {
         let ns = space.namespace()?;
         let name = space.name_any();
@@ -284,10 +307,7 @@ pub fn build_table(
                 .and_then(|s| s.since.as_ref())
                 .map(|t| t.0.as_second());
         }
-        if space.spec.visibility == Visibility::Private {
-            route.access =
-                Access::Private { token_sha256: tokens.get(&(ns.clone(), token_secret_name(&name))).copied() };
-        }
+        route.access = access_of(space, key);
         route.custom_headers = custom_headers(space);
         let with_port = |a: SocketAddr| if a.port() == 0 { SocketAddr::new(a.ip(), app_port) } else { a };
         let service = (ns, naming::workload_name(&name));
@@ -381,7 +401,8 @@ mod tests {
     }
 
     #[test]
-    fn builds_routes_from_spaces_slices_and_secrets() {
+    fn builds_routes_from_spaces_slices_and_published_token_macs() {
+        let key = Arc::new(TokenKey::new(&[4; 32]).expect("key"));
         let spaces = vec![
             space("alice", "whisper", json!({"image": "r/w:1", "appPort": 9000}), Some("RUNNING")),
             space("alice", "private", json!({"image": "r/p:1", "visibility": "private"}), Some("SLEEPING")),
@@ -400,11 +421,13 @@ mod tests {
             slice("bob", "space-whisper", Some(1), json!([{"addresses": ["10.0.0.1"]}])),
             slice("bob", "space-git", None, json!([{"addresses": ["10.0.0.2"]}])),
         ];
-        let secret: Secret = serde_json::from_value(json!({"apiVersion": "v1", "kind": "Secret",
-            "metadata": {"name": "space-private-token", "namespace": "alice", "labels": {"hangar.dev/space": "private"}},
-            "data": {"token": "czNjcmV0"}}))
-        .expect("secret");
-        let t = build_table("spaces.test", &spaces, &slices, &[Arc::new(secret)]);
+        let mut spaces = spaces;
+        let mut private = (*spaces[1]).clone();
+        if let Some(status) = private.status.as_mut() {
+            status.token_hmac = Some(key.publish(b"s3cret"));
+        }
+        spaces[1] = Arc::new(private);
+        let t = build_table("spaces.test", &spaces, &slices, Some(&key));
         assert_eq!(t.len(), 3);
         let w = t.get(&SpaceKey::new("alice", "whisper")).expect("whisper");
         assert_eq!(w.stage, Some(Stage::Running));
@@ -414,7 +437,13 @@ mod tests {
         );
         assert_eq!(w.access, Access::Public);
         let p = t.get(&SpaceKey::new("alice", "private")).expect("private");
-        assert_eq!(p.access, Access::Private { token_sha256: Some(token_digest(b"s3cret")) });
+        assert_eq!(p.access, Access::Private { token: Some(ExpectedToken::new(&key, b"s3cret")) });
+        // Without the key (or with another one) nobody gets in.
+        let t = build_table("spaces.test", &spaces, &slices, None);
+        assert_eq!(t.get(&SpaceKey::new("alice", "private")).expect("private").access, Access::Private { token: None });
+        let other = Arc::new(TokenKey::new(&[5; 32]).expect("key"));
+        let t = build_table("spaces.test", &spaces, &slices, Some(&other));
+        assert_eq!(t.get(&SpaceKey::new("alice", "private")).expect("private").access, Access::Private { token: None });
         assert!(p.endpoints.is_empty());
         assert_eq!(p.disposition(), crate::proxy::Disposition::Wake);
         let g = t.get(&SpaceKey::new("bob", "git")).expect("git");
@@ -445,7 +474,7 @@ mod tests {
                     "targetRef": {"kind": "Pod", "name": "p", "uid": "u-1"}},
                    {"addresses": ["10.244.0.10"], "conditions": {"ready": false, "terminating": true}}]),
         )];
-        let t = build_table("d", &[Arc::new(frozen.clone())], &slices, &[]);
+        let t = build_table("d", &[Arc::new(frozen.clone())], &slices, None);
         let r = t.get(&SpaceKey::new("alice", "f")).expect("route");
         let f = r.frozen.clone().expect("frozen");
         assert_eq!(f.decision, 1_764_000_000);
@@ -463,7 +492,7 @@ mod tests {
         if let Some(status) = frozen.status.as_mut() {
             status.sleep = None;
         }
-        let t = build_table("d", &[Arc::new(frozen)], &slices, &[]);
+        let t = build_table("d", &[Arc::new(frozen)], &slices, None);
         assert_eq!(t.get(&SpaceKey::new("alice", "f")).and_then(|r| r.frozen.clone()), None);
     }
 
@@ -497,10 +526,10 @@ mod tests {
             s.metadata.annotations = Some(BTreeMap::from([(BASE_PATH_ANNOTATION.to_owned(), path.to_owned())]));
         };
         annotate(&mut s, "/front-matter");
-        let t = build_table("d", &[Arc::new(s.clone())], &[], &[]);
+        let t = build_table("d", &[Arc::new(s.clone())], &[], None);
         assert_eq!(t.get(&SpaceKey::new("a", "b")).map(|r| r.base_path.clone()).as_deref(), Some("/front-matter"));
         annotate(&mut s, "//evil.example");
-        let t = build_table("d", &[Arc::new(s)], &[], &[]);
+        let t = build_table("d", &[Arc::new(s)], &[], None);
         assert_eq!(t.get(&SpaceKey::new("a", "b")).map(|r| r.base_path.clone()).as_deref(), Some("/spec"));
     }
 }

@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use http::{HeaderName, HeaderValue};
 
+use crate::space::access_token::ExpectedToken;
 use crate::space::app_config::DEFAULT_STARTUP_TIMEOUT;
 use crate::space::host_claim::Claim;
 use crate::space::{Stage, naming};
@@ -37,10 +38,10 @@ impl fmt::Display for SpaceKey {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Access {
     Public,
-    /// Needs `Authorization: Bearer <token>`; holds the SHA-256 of the token,
-    /// `None` while the token Secret is missing (then nobody gets in).
+    /// Needs `Authorization: Bearer <token>`; holds the token's keyed hash,
+    /// `None` while the token is unknown (then nobody gets in).
     Private {
-        token_sha256: Option<[u8; 32]>,
+        token: Option<ExpectedToken>,
     },
 }
 

@@ -1,10 +1,13 @@
 //! Thawing a frozen Space: the proxy asks the node agent of each of its
 //! pods' nodes directly (`POST /thaw`, bearer token), not the apiserver, so
-//! the wake path has no watch latency. An agent advertises its URL on its
-//! Node; the proxy reads it once per node and again after a failure (an
-//! agent restarted elsewhere).
+//! the wake path has no watch latency. An agent listens on its node's
+//! address at the chart's fixed port: the proxy takes the Node's
+//! `InternalIP` (written by the node's kubelet, which no agent can change)
+//! and never a URL an agent could set. Looked up once per node, and again
+//! after a failure.
 
 use std::collections::{HashMap, HashSet};
+use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -21,7 +24,6 @@ use serde_json::json;
 
 use super::route::{Frozen, FrozenPod, RouteTable};
 use super::source::SourceError;
-use crate::space::naming;
 
 /// One thaw call may take this long (the agent answers once the cgroup is THAWED).
 const THAW_TIMEOUT: Duration = Duration::from_secs(10);
@@ -32,13 +34,13 @@ pub struct NodeAgents {
     http: HttpClient<HttpConnector, Full<Bytes>>,
     /// `Bearer <token>`; `None`: no agents are deployed, nothing is ever frozen.
     authorization: Option<String>,
-    /// The Node annotation agents advertise under (namespace-confined or not).
-    annotation: String,
+    /// The port every agent listens on, on its node's address.
+    port: u16,
     urls: Mutex<HashMap<String, String>>,
 }
 
 impl NodeAgents {
-    pub fn new(client: Client, token: Option<String>, namespace: Option<&str>) -> Self {
+    pub fn new(client: Client, token: Option<String>, port: u16) -> Self {
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
         connector.set_connect_timeout(Some(Duration::from_secs(2)));
@@ -46,7 +48,7 @@ impl NodeAgents {
             client,
             http: HttpClient::builder(TokioExecutor::new()).build(connector),
             authorization: token.map(|t| format!("Bearer {t}")),
-            annotation: naming::node_agent_annotation(namespace),
+            port,
             urls: Mutex::new(HashMap::new()),
         }
     }
@@ -55,15 +57,15 @@ impl NodeAgents {
         self.urls.lock().unwrap_or_else(PoisonError::into_inner).get(node).cloned()
     }
 
-    /// The agent URL of `node`, from the cache or its Node; `None`: no agent ever
-    /// ran there (so nothing there can be frozen).
+    /// The agent URL of `node`, from the cache or its Node's address; `None`:
+    /// the Node has no internal address (so no agent can be reached there).
     async fn url(&self, node: &str, refresh: bool) -> Result<Option<String>, SourceError> {
         if !refresh && let Some(url) = self.cached(node) {
             return Ok(Some(url));
         }
         let nodes: Api<Node> = Api::all(self.client.clone());
         let found = nodes.get(node).await?;
-        let url = found.metadata.annotations.as_ref().and_then(|a| a.get(&self.annotation)).cloned();
+        let url = agent_url(&found, self.port);
         if let Some(url) = &url {
             self.urls.lock().unwrap_or_else(PoisonError::into_inner).insert(node.to_owned(), url.clone());
         }
@@ -114,8 +116,7 @@ impl NodeAgents {
             let url = match self.url(node, refresh).await {
                 Ok(Some(url)) => url,
                 Ok(None) => {
-                    tracing::debug!(%node, "no node agent on the node: nothing to thaw");
-                    return Ok(());
+                    return Err(SourceError::Other(format!("node {node} has no InternalIP to reach its agent at")));
                 }
                 Err(e) => return Err(last.unwrap_or(e)),
             };
@@ -152,5 +153,35 @@ impl NodeAgents {
             StatusCode::NOT_FOUND => Ok(()),
             other => Err(fail(format!("{other}: {}", String::from_utf8_lossy(&text).trim()))),
         }
+    }
+}
+
+/// `http://<the Node's InternalIP>:<port>`: the address comes from the Node's
+/// status (its kubelet's), never from anything an agent writes.
+pub fn agent_url(node: &Node, port: u16) -> Option<String> {
+    let addresses = node.status.as_ref()?.addresses.as_ref()?;
+    let ip: IpAddr = addresses.iter().filter(|a| a.type_ == "InternalIP").find_map(|a| a.address.parse().ok())?;
+    Some(format!("http://{}", SocketAddr::new(ip, port)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn the_agent_is_reached_at_the_nodes_internal_ip_and_the_fixed_port() {
+        let node = |addresses: serde_json::Value| -> Node {
+            serde_json::from_value(json!({"apiVersion": "v1", "kind": "Node",
+                "metadata": {"name": "n", "annotations": {"hangar.dev/node-agent": "http://evil.example:1"}},
+                "status": {"addresses": addresses}}))
+            .expect("node")
+        };
+        let n = node(json!([{"type": "Hostname", "address": "n"}, {"type": "InternalIP", "address": "10.0.0.7"}]));
+        assert_eq!(agent_url(&n, 9450).as_deref(), Some("http://10.0.0.7:9450"), "never the annotation");
+        let v6 = node(json!([{"type": "InternalIP", "address": "fd00::7"}]));
+        assert_eq!(agent_url(&v6, 9450).as_deref(), Some("http://[fd00::7]:9450"));
+        assert_eq!(agent_url(&node(json!([{"type": "ExternalIP", "address": "203.0.113.1"}])), 9450), None);
+        assert_eq!(agent_url(&node(json!([])), 9450), None);
     }
 }

@@ -1,6 +1,7 @@
 //! The Space API: the custom resource, the hardware catalog, README front
 //! matter and the merge of both into an [`AppConfig`]. Pure: no I/O here.
 
+pub mod access_token;
 pub mod app_config;
 pub mod custom_headers;
 pub mod duration;

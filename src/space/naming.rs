@@ -35,17 +35,6 @@ pub const FREEZE_ANNOTATION: &str = "hangar.dev/freeze";
 /// Annotation on a Space's pod written only by its node agent: what it did
 /// (JSON `{"state": "Frozen"|"Thawed", "decision", "memoryBytes"}`).
 pub const FREEZER_ANNOTATION: &str = "hangar.dev/freezer";
-/// Annotation on a Node: the URL of its node agent's thaw API.
-pub const NODE_AGENT_ANNOTATION: &str = "hangar.dev/node-agent";
-
-/// The Node annotation an agent advertises under: a hangar confined to one
-/// namespace (`--namespace`) has agents of its own, so the key names it.
-pub fn node_agent_annotation(namespace: Option<&str>) -> String {
-    match namespace {
-        None => NODE_AGENT_ANNOTATION.to_owned(),
-        Some(ns) => format!("{NODE_AGENT_ANNOTATION}.{ns}"),
-    }
-}
 
 /// Name of the Deployment and Service of a Space.
 pub fn workload_name(space: &str) -> String {
@@ -88,7 +77,5 @@ mod tests {
         assert_eq!(space_id("alice", "whisper"), "alice/whisper");
         assert_eq!(host("alice", "whisper", "spaces.example.com"), "alice-whisper.spaces.example.com");
         assert_eq!(path_prefix("alice", "whisper"), "/spaces/alice/whisper");
-        assert_eq!(node_agent_annotation(None), "hangar.dev/node-agent");
-        assert_eq!(node_agent_annotation(Some("alice")), "hangar.dev/node-agent.alice");
     }
 }

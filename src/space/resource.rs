@@ -255,6 +255,10 @@ pub struct SpaceStatus {
     /// While `SLEEPING`: which tier, since when, what it keeps.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sleep: Option<SleepStatus>,
+    /// A private Space's token as a keyed hash (`hmac-sha256:<key id>:<hex>`),
+    /// what the proxy checks requests against: it reads no Secret.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token_hmac: Option<String>,
 }
 
 /// The sleep of a `SLEEPING` Space.

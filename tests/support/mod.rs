@@ -11,7 +11,10 @@
 //! relevant component logs (in `$HANGAR_TESTENV_STATE/logs`) are printed.
 #![allow(dead_code)]
 
+pub mod chart;
 pub mod floor;
+pub mod gradio;
+pub mod image;
 pub mod operator;
 pub mod process;
 pub mod repo;
@@ -280,6 +283,26 @@ pub async fn client() -> Client {
         panic!("cluster tier: kube-apiserver does not answer: {e}");
     }
     client
+}
+
+/// Where a node agent run by a test (a host process, as the DaemonSet's agent with the host
+/// network) listens: the real node's InternalIP, where the proxy looks for it, and a free
+/// port the proxy is told (`--node-agent-port`). The address is the machine's own.
+pub async fn node_agent_addr(ns: &TestNamespace) -> std::net::SocketAddr {
+    let node = Api::<k8s_openapi::api::core::v1::Node>::all(ns.client.clone())
+        .get(&ns.env.real_node)
+        .await
+        .unwrap_or_else(|e| panic!("the real node {}: {e}", ns.env.real_node));
+    let ip = node
+        .status
+        .and_then(|s| s.addresses)
+        .unwrap_or_default()
+        .into_iter()
+        .find(|a| a.type_ == "InternalIP")
+        .and_then(|a| a.address.parse::<std::net::IpAddr>().ok())
+        .unwrap_or_else(|| panic!("the real node {} has no InternalIP", ns.env.real_node));
+    let port = std::net::TcpListener::bind((ip, 0)).and_then(|l| l.local_addr()).expect("a free port").port();
+    std::net::SocketAddr::new(ip, port)
 }
 
 /// A namespace of its own for one test: created on `new`, deleted on drop.

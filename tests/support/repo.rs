@@ -73,6 +73,16 @@ pub fn publish(work: &Path, bare: &Path) {
 /// Serves the directory `root` (bare repositories) over git's dumb HTTP protocol on
 /// loopback, behind Basic auth when `user_pass` is given; returns `http://host:port`.
 pub async fn serve_dumb_http(root: std::path::PathBuf, user_pass: Option<&'static str>) -> String {
+    serve_dumb_http_on(std::net::Ipv4Addr::LOCALHOST, root, user_pass).await
+}
+
+/// [`serve_dumb_http`] on the address `ip` (e.g. the host's address on the pod network,
+/// for clients in pods).
+pub async fn serve_dumb_http_on(
+    ip: std::net::Ipv4Addr,
+    root: std::path::PathBuf,
+    user_pass: Option<&'static str>,
+) -> String {
     use axum::extract::{Path as UrlPath, State};
     use axum::http::{HeaderMap, StatusCode, header};
     use axum::response::IntoResponse;
@@ -107,7 +117,7 @@ pub async fn serve_dumb_http(root: std::path::PathBuf, user_pass: Option<&'stati
             ),
         )
         .with_state((root, expected));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let listener = tokio::net::TcpListener::bind((ip, 0)).await.expect("bind");
     let url = format!("http://{}", listener.local_addr().expect("addr"));
     tokio::spawn(async move { axum::serve(listener, app).await });
     url

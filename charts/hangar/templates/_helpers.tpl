@@ -46,34 +46,42 @@ app.kubernetes.io/component: {{ .component }}
 {{- printf "%s-%s" (include "hangar.fullname" .ctx) .component -}}
 {{- end -}}
 
-{{/* Pod-level settings shared by the components. */}}
+{{/* Pod-level settings shared by the components. Takes the root context, or
+(dict "ctx" $ "supplementalGroups" (list gid...)) to add groups to the pod's securityContext. */}}
 {{- define "hangar.podSpecCommon" -}}
-{{- with .Values.imagePullSecrets }}
+{{- $ctx := . -}}
+{{- $groups := list -}}
+{{- if hasKey . "ctx" }}{{ $ctx = .ctx }}{{ $groups = .supplementalGroups }}{{ end -}}
+{{- with $ctx.Values.imagePullSecrets }}
 imagePullSecrets:
 {{- range . }}
   - name: {{ . }}
 {{- end }}
 {{- end }}
-{{- if .Values.hostNetwork }}
+{{- if $ctx.Values.hostNetwork }}
 hostNetwork: true
 dnsPolicy: ClusterFirstWithHostNet
 {{- end }}
-{{- with .Values.priorityClassName }}
+{{- with $ctx.Values.priorityClassName }}
 priorityClassName: {{ . }}
 {{- end }}
-{{- with .Values.podSecurityContext }}
+{{- $security := deepCopy ($ctx.Values.podSecurityContext | default dict) -}}
+{{- if $groups }}
+{{- $_ := set $security "supplementalGroups" (concat ($security.supplementalGroups | default list) $groups | uniq) }}
+{{- end }}
+{{- with $security }}
 securityContext:
   {{- toYaml . | nindent 2 }}
 {{- end }}
-{{- with .Values.nodeSelector }}
+{{- with $ctx.Values.nodeSelector }}
 nodeSelector:
   {{- toYaml . | nindent 2 }}
 {{- end }}
-{{- with .Values.tolerations }}
+{{- with $ctx.Values.tolerations }}
 tolerations:
   {{- toYaml . | nindent 2 }}
 {{- end }}
-{{- with .Values.affinity }}
+{{- with $ctx.Values.affinity }}
 affinity:
   {{- toYaml . | nindent 2 }}
 {{- end }}
@@ -105,4 +113,29 @@ affinity:
 
 {{- define "hangar.nodeAgentSecretName" -}}
 {{- .Values.nodeAgent.token.existingSecret | default (printf "%s-node-agent" (include "hangar.fullname" .)) -}}
+{{- end -}}
+
+{{- define "hangar.tokenKeySecretName" -}}
+{{- .Values.tokenKey.existingSecret | default (printf "%s-token-key" (include "hangar.fullname" .)) -}}
+{{- end -}}
+
+{{/* The token key volume of the operator and the proxy (both hash private Spaces' tokens with it). */}}
+{{- define "hangar.tokenKeyVolume" -}}
+- name: token-key
+  secret:
+    secretName: {{ include "hangar.tokenKeySecretName" . }}
+    items:
+      - key: {{ .Values.tokenKey.key }}
+        path: {{ .Values.tokenKey.key }}
+{{- end -}}
+
+{{- define "hangar.tokenKeyMount" -}}
+- name: token-key
+  mountPath: /etc/hangar/token-key
+  readOnly: true
+{{- end -}}
+
+{{- define "hangar.tokenKeyEnv" -}}
+- name: HANGAR_TOKEN_KEY_FILE
+  value: /etc/hangar/token-key/{{ .Values.tokenKey.key }}
 {{- end -}}
