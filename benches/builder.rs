@@ -54,7 +54,7 @@ fn stats(name: &str, mut samples: Vec<Duration>) {
 struct Stamp(Arc<Mutex<Option<Instant>>>);
 
 impl SpaceDirectory for Stamp {
-    async fn set_head_sha(&self, _: &str, _: &str, _: &str) -> Result<HeadUpdate, String> {
+    async fn set_head_sha(&self, _: &str, _: &str, _: Option<&str>, _: &str) -> Result<HeadUpdate, String> {
         *self.0.lock().map_err(|e| e.to_string())? = Some(Instant::now());
         Ok(HeadUpdate::Updated)
     }

@@ -27,7 +27,7 @@ pub struct Cli {
 pub enum Command {
     /// Run the Kubernetes operator: reconciles Space resources into workloads
     /// on the right hardware and keeps their status current.
-    Operator(crate::operator::OperatorArgs),
+    Operator(Box<crate::operator::OperatorArgs>),
     /// Run the proxy: routes each Space's traffic (host and path routing,
     /// WebSocket, SSE), puts idle Spaces to sleep and wakes them on request.
     Proxy(crate::proxy::ProxyArgs),
@@ -77,7 +77,7 @@ fn run(command: Command) -> crate::Result<()> {
             print!("{}", crate::space::crd_yaml()?);
             Ok(())
         }
-        Command::Operator(args) => tokio_runtime()?.block_on(crate::operator::run(args)),
+        Command::Operator(args) => tokio_runtime()?.block_on(crate::operator::run(*args)),
         Command::Proxy(args) => tokio::runtime::Runtime::new()?.block_on(crate::proxy::cli_run(args)),
         Command::Webhook(args) => tokio::runtime::Runtime::new()?.block_on(crate::webhook::serve(args)),
         Command::NodeAgent(args) => tokio_runtime()?.block_on(crate::node_agent::run(args)),

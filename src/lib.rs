@@ -5,6 +5,7 @@
 pub mod builder;
 pub mod cli;
 pub mod error;
+pub mod http_server;
 pub mod local;
 pub mod node_agent;
 pub mod operator;

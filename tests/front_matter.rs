@@ -282,3 +282,45 @@ proptest! {
         }
     }
 }
+
+/// A front matter as a Space repository would write it (the fields that carry text).
+fn arb_front_matter() -> impl Strategy<Value = FrontMatter> {
+    let text = "\\PC{0,24}";
+    (
+        proptest::sample::select(vec![Sdk::Gradio, Sdk::Streamlit, Sdk::Docker, Sdk::Static]),
+        proptest::option::of(text),
+        proptest::option::of(1u16..=65535),
+        proptest::option::of("/[a-z0-9/_-]{0,12}"),
+        proptest::collection::btree_map("[A-Za-z-]{1,30}", "[ -~]{0,20}", 0..4),
+        proptest::collection::vec(text, 0..4),
+        proptest::option::of(proptest::bool::ANY),
+    )
+        .prop_map(|(sdk, title, port, base_path, custom_headers, tags, pinned)| FrontMatter {
+            sdk: Some(sdk),
+            title,
+            app_port: port.and_then(std::num::NonZeroU16::new),
+            base_path,
+            custom_headers,
+            tags,
+            pinned,
+            ..FrontMatter::default()
+        })
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(500))]
+
+    /// What serializes as a README's front matter parses back to itself, and
+    /// resolving it into a configuration never panics (errors name a field).
+    #[test]
+    fn parse_of_render_round_trips(fm in arb_front_matter(), body in "\\PC{0,40}") {
+        let yaml = serde_yaml_ng::to_string(&fm).expect("serializes");
+        let readme = format!("---\n{yaml}---\n{body}\n");
+        let parsed = front_matter::parse(&readme);
+        prop_assert_eq!(parsed.as_ref(), Ok(&fm), "{}", readme);
+        let spec = hangar::space::SpaceSpec { hardware: "cpu-basic".into(), ..Default::default() };
+        if let Err(e) = hangar::space::resolve(&spec, Some(&fm)) {
+            prop_assert!(!e.field.is_empty() && !e.message.is_empty());
+        }
+    }
+}

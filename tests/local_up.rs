@@ -336,7 +336,8 @@ async fn examples_are_served_and_sigint_stops_cleanly() {
 /// run (a `BackMsg` whose `rerun_script` (field 11) is an empty `ClientState`) and reads the
 /// `ForwardMsg`s (protobuf) until the app's title and greeting arrive.
 async fn streamlit_runs_its_script(request: tokio_tungstenite::tungstenite::handshake::client::Request, owner: &str) {
-    let (mut ws, resp) = tokio_tungstenite::connect_async(request).await.expect("streamlit WebSocket through the proxy");
+    let (mut ws, resp) =
+        tokio_tungstenite::connect_async(request).await.expect("streamlit WebSocket through the proxy");
     assert_eq!(resp.status().as_u16(), 101);
     ws.send(Message::Binary(vec![0x5a, 0x00].into())).await.expect("send rerun_script");
     let greeting = format!("This is {owner}/streamlit-hello.");
@@ -474,6 +475,12 @@ async fn a_broken_space_reports_its_stage_and_the_others_run() {
     std::fs::write(dir.path().join("py312/README.md"), "---\nsdk: gradio\npython_version: \"3.12\"\n---\n")
         .expect("readme");
     std::fs::write(dir.path().join("py312/app.py"), "print('never built')\n").expect("app");
+    // Headers that would reframe responses on shared connections: refused, named.
+    copy_dir(&examples().join("static-site"), &dir.path().join("framing"));
+    let readme = std::fs::read_to_string(dir.path().join("framing/README.md")).expect("readme");
+    let framing = "custom_headers:\n  content-length: \"0\"\n  transfer-encoding: chunked\n  connection: close\n---";
+    std::fs::write(dir.path().join("framing/README.md"), readme.replacen("\n---", &format!("\n{framing}"), 1))
+        .expect("readme");
     let mut up = Up::start(&env, dir.path(), &owner, state.path());
     up.wait_line("NO_APP_FILE", Duration::from_secs(120), |l| l.starts_with(&format!("{owner}/noapp: NO_APP_FILE")));
     let settled = |name: &str| {
@@ -494,6 +501,10 @@ async fn a_broken_space_reports_its_stage_and_the_others_run() {
         "{leaky}\n{}",
         up.output()
     );
+    let refused = up.wait_line("CONFIG_ERROR", Duration::from_secs(120), |l| {
+        l.starts_with(&format!("{owner}/framing: CONFIG_ERROR"))
+    });
+    assert!(refused.contains("custom_headers") && refused.contains("\"connection\" is not allowed"), "{refused}");
     up.wait_line("fine RUNNING", Duration::from_secs(120), |l| l.starts_with(&format!("{owner}/fine: RUNNING")));
     let urls = up.urls();
     // The path URL, as printed, with a client that resolves names the ordinary way.
@@ -518,6 +529,10 @@ async fn a_broken_space_reports_its_stage_and_the_others_run() {
     let broken = &urls.iter().find(|(i, _)| i.ends_with("/noapp")).expect("noapp URL").1;
     let resp = client.get(broken).send().await.expect("answer");
     assert_eq!(resp.status(), 503, "an unavailable Space says so");
+    let framing = &urls.iter().find(|(i, _)| i.ends_with("/framing")).expect("framing URL").1;
+    let resp = client.get(framing).send().await.expect("answer");
+    assert_eq!(resp.status(), 503);
+    assert!(resp.text().await.expect("body").contains("CONFIG_ERROR"));
     let ls = hangar_ls(state.path());
     assert!(ls.contains("NO_APP_FILE") && ls.contains("app.py"), "{ls}");
     up.signal("-TERM");
@@ -690,6 +705,8 @@ async fn freezes_when_idle_thaws_once_for_many_and_stops_later() {
         "{ls}"
     );
     let local_metrics = up.wait_line("metrics", Duration::from_secs(5), |l| l.starts_with("metrics: http://"));
+    let proxy_metrics = local_metrics.split("the proxy's at ").nth(1).expect("the proxy's metrics URL");
+    let proxy_metrics = proxy_metrics.trim_end_matches(')').to_owned();
     let local_metrics = local_metrics.split_whitespace().nth(1).expect("metrics URL").to_owned();
     let text = client.get(&local_metrics).send().await.expect("metrics").text().await.expect("text");
     let held = format!(r#"hangar_up_frozen_memory_bytes{{namespace="{owner}",space="ice"}} "#);
@@ -721,7 +738,7 @@ async fn freezes_when_idle_thaws_once_for_many_and_stops_later() {
     assert_eq!(unpauses_since(&env, &name, since), 1, "exactly one unpause for 50 requests");
     let text = client.get(&local_metrics).send().await.expect("metrics").text().await.expect("text");
     assert!(!text.contains(&held), "thawed: no memory held frozen\n{text}");
-    let metrics = client.get(format!("http://{}/metrics", up.addr)).send().await.expect("metrics");
+    let metrics = client.get(&proxy_metrics).send().await.expect("metrics");
     let metrics = metrics.text().await.expect("metrics text");
     let wakes = format!(r#"hangar_proxy_wakes_total{{namespace="{owner}",space="ice",tier="frozen"}} 1"#);
     assert!(metrics.contains(&wakes), "one wake, of a frozen Space:\n{metrics}");
@@ -743,7 +760,7 @@ async fn freezes_when_idle_thaws_once_for_many_and_stops_later() {
     assert_eq!(up.count(|l| l.starts_with(&format!("{id}: waking"))), 1, "{}", up.output());
     assert_eq!(up.count(|l| l.starts_with(&format!("{id}: RUNNING (woke in"))), 1, "{}", up.output());
     assert_eq!(containers.list().len(), 1, "one container throughout");
-    let metrics = client.get(format!("http://{}/metrics", up.addr)).send().await.expect("metrics");
+    let metrics = client.get(&proxy_metrics).send().await.expect("metrics");
     let metrics = metrics.text().await.expect("metrics text");
     let woken = format!(r#"hangar_proxy_wakes_total{{namespace="{owner}",space="ice",tier="stopped"}} 1"#);
     assert!(metrics.contains(&woken), "then one wake of a stopped Space:\n{metrics}");

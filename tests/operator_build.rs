@@ -76,7 +76,7 @@ async fn a_space_builds_runs_on_the_real_node_and_rolls_out_a_new_commit() {
     let readme = std::fs::read_to_string(repo.path().join("README.md")).expect("README");
     let readme = readme.replacen(
         "app_port: 7860\n",
-        "app_port: 7860\ncustom_headers:\n  cross-origin-opener-policy: same-origin\n",
+        "app_port: 7860\nbase_path: /docs\ncustom_headers:\n  cross-origin-opener-policy: same-origin\n",
         1,
     );
     let first = commit_file(repo.path(), "README.md", &readme);
@@ -96,6 +96,11 @@ async fn a_space_builds_runs_on_the_real_node_and_rolls_out_a_new_commit() {
     assert_eq!(
         running.metadata.annotations.as_ref().and_then(|a| a.get("hangar.dev/custom-headers")).map(String::as_str),
         Some(r#"{"cross-origin-opener-policy":"same-origin"}"#)
+    );
+    // And its base path (the proxy redirects a Space's root there).
+    assert_eq!(
+        running.metadata.annotations.as_ref().and_then(|a| a.get(naming::BASE_PATH_ANNOTATION)).map(String::as_str),
+        Some("/docs")
     );
     let body = answer(&ns, "app", &image).await;
     assert!(body.contains(&marker) && body.contains("hi"), "{body}");

@@ -159,10 +159,17 @@ async fn websocket_echo_passes_through_and_counts_as_activity() {
     let metrics = p.metrics_text();
     assert!(metrics.contains(r#"hangar_proxy_open_tunnels{namespace="alice",space="live"} 1"#), "{metrics}");
     // Idle but open: activity keeps being recorded.
+    // (Waits for the records rather than counting them after a fixed sleep: a busy machine delays ticks.)
     let before = source.activity_count(&key("alice", "live"));
-    tokio::time::sleep(Duration::from_millis(650)).await;
-    let after = source.activity_count(&key("alice", "live"));
-    assert!(after >= before + 4, "an open WebSocket must keep the Space active: {before} -> {after}");
+    let waited = Instant::now();
+    while source.activity_count(&key("alice", "live")) < before + 4 {
+        let after = source.activity_count(&key("alice", "live"));
+        assert!(
+            waited.elapsed() < Duration::from_secs(20),
+            "an open WebSocket must keep the Space active: {before} -> {after}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     ws.close(None).await.expect("close");
     drop(ws);
     tokio::time::sleep(Duration::from_millis(200)).await;

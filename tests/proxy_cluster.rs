@@ -242,3 +242,113 @@ async fn kubernetes_source_routes_wakes_through_the_lease_and_checks_tokens() {
     proxy.shutdown().await.expect("clean shutdown");
     cancel.cancel();
 }
+
+/// A paused Space labelled for the test's operator (paused: it needs no pods,
+/// and the proxy's answer names it).
+/// (`base_path` as the operator publishes it from a front matter.)
+fn labelled_paused_space(name: &str, label: &str) -> Space {
+    serde_json::from_value(json!({
+        "apiVersion": "hangar.dev/v1alpha1", "kind": "Space",
+        "metadata": {"name": name, "labels": {"hangar.dev/host-claim-test": label},
+                     "annotations": {naming::BASE_PATH_ANNOTATION: "/docs"}},
+        "spec": {"image": "registry.test/app:1", "paused": true},
+    }))
+    .expect("space")
+}
+
+fn created_at(space: &Space) -> i64 {
+    space.metadata.creation_timestamp.as_ref().map(|t| t.0.as_second()).expect("a creation timestamp")
+}
+
+/// `{ns}/a-app` and `{ns}-a/app` share the host `{ns}-a-app.{domain}`. In
+/// both creation orders the older keeps it: the operator tells the newer one
+/// why it has none, and the proxy answers the host from the older.
+#[tokio::test]
+async fn the_older_of_two_spaces_sharing_a_host_keeps_it() {
+    for older_is_first_namespace in [true, false] {
+        let ns = TestNamespace::new("hostclaim", &["kube-apiserver", "kube-controller-manager"]).await;
+        let other = TestNamespace::named(format!("{}-a", ns.name), &[]).await;
+        ns.install_crd().await;
+        let label = ns.name.clone();
+        let _operator =
+            support::operator::Operator::start_selecting(&ns, &format!("hangar.dev/host-claim-test={label}"));
+        let first = (ns.api::<Space>(), SpaceKey::new(ns.name.clone(), "a-app"));
+        let second = (other.api::<Space>(), SpaceKey::new(other.name.clone(), "app"));
+        let ((older_api, older), (newer_api, newer)) =
+            if older_is_first_namespace { (first, second) } else { (second, first) };
+        let host = naming::host(&older.namespace, &older.name, DOMAIN);
+        assert_eq!(host, naming::host(&newer.namespace, &newer.name, DOMAIN), "the names collide");
+
+        // Creation times count in whole seconds: the newer one comes a second later.
+        let made = older_api.create(&PostParams::default(), &labelled_paused_space(&older.name, &label)).await;
+        let older_at = created_at(&made.expect("creating the older Space"));
+        wait_for("the next second", Duration::from_secs(5), || async {
+            let now = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH)?.as_secs();
+            Ok((i64::try_from(now)? > older_at).then_some(()))
+        })
+        .await;
+        let made = newer_api.create(&PostParams::default(), &labelled_paused_space(&newer.name, &label)).await;
+        assert!(created_at(&made.expect("creating the newer Space")) > older_at);
+
+        // The operator: the newer Space is told why it has no host; the older is not.
+        let condition = wait_for("HostRoute=False on the newer Space", Duration::from_secs(60), || async {
+            let space = newer_api.get(&newer.name).await?;
+            Ok(space.status.and_then(|s| s.conditions.into_iter().find(|c| c.type_ == "HostRoute")))
+        })
+        .await;
+        assert_eq!((condition.status.as_str(), condition.reason.as_str()), ("False", "HostTaken"));
+        let operator_host = naming::host(&older.namespace, &older.name, "hf.test");
+        assert!(
+            condition.message.contains(&operator_host) && condition.message.contains(&older.to_string()),
+            "{}",
+            condition.message
+        );
+        let status = newer_api.get(&newer.name).await.expect("get").status.expect("status");
+        assert_eq!(status.url, Some(format!("http://hf.test/spaces/{}/{}/", newer.namespace, newer.name)));
+        let status = wait_for("the older Space's status", Duration::from_secs(60), || async {
+            Ok(older_api.get(&older.name).await?.status.filter(|s| s.stage.is_some()))
+        })
+        .await;
+        assert!(status.conditions.iter().all(|c| c.type_ != "HostRoute"), "{:?}", status.conditions);
+        assert_eq!(status.url, Some(format!("http://{operator_host}/")));
+
+        // The proxy (all namespaces): the host answers from the older Space, the path from each.
+        let cancel = CancellationToken::new();
+        let config = KubeSourceConfig { domain: DOMAIN.into(), namespace: None, token_key: None };
+        let source = KubeSource::start(ns.client.clone(), config, cancel.clone());
+        let mut routes = source.routes();
+        tokio::time::timeout(
+            Duration::from_secs(30),
+            routes.wait_for(|t| t.get(&older).is_some() && t.get(&newer).is_some()),
+        )
+        .await
+        .expect("both Spaces routed")
+        .expect("source alive");
+        let proxy = hangar::proxy::start(
+            ProxyConfig { listen: "127.0.0.1:0".parse().expect("addr"), ..ProxyConfig::default() },
+            source.clone(),
+        )
+        .await
+        .expect("proxy starts");
+        let c = client();
+        let by_host = c.get(format!("http://{}/x", proxy.addr)).header("host", &host).send().await.expect("request");
+        assert!(by_host.text().await.expect("body").contains(&format!("{older} is paused")), "the older holds {host}");
+        let path = format!("http://{}/spaces/{}/{}/x", proxy.addr, newer.namespace, newer.name);
+        let by_path = c.get(path).send().await.expect("request");
+        assert!(by_path.text().await.expect("body").contains(&format!("{newer} is paused")));
+        // The published base path: the root redirects to it, by host and by path.
+        let no_redirects =
+            reqwest::Client::builder().no_proxy().redirect(reqwest::redirect::Policy::none()).build().expect("client");
+        let r =
+            no_redirects.get(format!("http://{}/", proxy.addr)).header("host", &host).send().await.expect("request");
+        assert_eq!(
+            (r.status().as_u16(), r.headers().get("location").map(|l| l.as_bytes())),
+            (307, Some(&b"/docs"[..]))
+        );
+        let prefix = naming::path_prefix(&newer.namespace, &newer.name);
+        let r = no_redirects.get(format!("http://{}{prefix}/", proxy.addr)).send().await.expect("request");
+        assert_eq!(r.headers().get("location").and_then(|l| l.to_str().ok()), Some(format!("{prefix}/docs").as_str()));
+        proxy.shutdown().await.expect("clean shutdown");
+        cancel.cancel();
+    }
+}

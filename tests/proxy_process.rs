@@ -2,6 +2,7 @@
 //! measured apart from the test's clients and upstreams.
 
 mod proxy_support;
+mod slow_client;
 
 use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
@@ -21,9 +22,15 @@ struct ProxyProcess {
 
 impl ProxyProcess {
     async fn start(routes: &[String]) -> Self {
+        Self::start_with(routes, &[]).await
+    }
+
+    /// With more command-line flags, as an admin would pass them.
+    async fn start_with(routes: &[String], flags: &[&str]) -> Self {
         let (addr, admin) = (free_port(), free_port());
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_hangar"));
         cmd.args(["proxy", "--listen", &addr.to_string(), "--admin-listen", &admin.to_string()]);
+        cmd.args(flags);
         for r in routes {
             cmd.args(["--route", r]);
         }
@@ -114,5 +121,31 @@ async fn one_gib_upload_streams_through_the_proxy_process() {
     let metrics =
         c.get(format!("http://{}/metrics", proxy.admin)).send().await.expect("metrics").text().await.expect("body");
     assert!(metrics.contains(r#"hangar_proxy_requests_total{namespace="alice",space="up",code="200"} 3"#), "{metrics}");
+    assert!(proxy.terminate().success(), "SIGTERM is a clean exit");
+}
+
+/// The timeouts an admin sets on the command line bound slow clients on both
+/// ports, and of two `--route`s whose names share a host the first keeps it.
+#[tokio::test]
+async fn command_line_timeouts_and_route_order() {
+    let (first, second) = (Upstream::start("first").await, Upstream::start("second").await);
+    let routes = [format!("acme-corp/app={}", first.addr), format!("acme/corp-app={}", second.addr)];
+    let proxy = ProxyProcess::start_with(&routes, &["--header-read-timeout", "1s", "--idle-timeout", "2s"]).await;
+    let timeout = Duration::from_secs(1);
+    slow_client::assert_cut_off(proxy.addr, b"GET / HTTP/1.1\r\nHost: acme-corp-app.spaces.localhost\r\nX-", timeout)
+        .await;
+    slow_client::assert_cut_off(proxy.addr, b"PRI * HTTP/2.0\r\n", timeout).await;
+    slow_client::assert_cut_off(proxy.admin, b"GET /metrics HTTP/1.1\r\n", timeout).await;
+    let c = client();
+    let by_host = c
+        .get(format!("http://{}/whoami", proxy.addr))
+        .header("host", "acme-corp-app.spaces.localhost")
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(by_host.text().await.expect("body"), "first", "the route given first keeps the shared host");
+    let by_path = c.get(format!("http://{}/spaces/acme/corp-app/whoami", proxy.addr)).send().await.expect("request");
+    assert_eq!(by_path.text().await.expect("body"), "second");
+    assert_eq!(c.get(format!("http://{}/metrics", proxy.addr)).send().await.expect("request").status(), 404);
     assert!(proxy.terminate().success(), "SIGTERM is a clean exit");
 }

@@ -14,11 +14,16 @@ use support::TestNamespace;
 const SECRET: &str = "cluster-tier-secret";
 
 fn delivery(namespace: &str, name: &str, r#ref: &str, sha: &str) -> String {
+    push(namespace, name, r#ref, &"f".repeat(40), sha)
+}
+
+/// A delivery of a push moving `r#ref` from `old` to `sha`.
+fn push(namespace: &str, name: &str, r#ref: &str, old: &str, sha: &str) -> String {
     json!({
         "event": {"action": "update", "scope": "repo.content"},
         "repo": {"type": "space", "name": format!("{namespace}/{name}"), "id": "1", "private": false,
                  "subdomain": "x", "url": {"web": "w", "api": "a"}, "headSha": sha, "owner": {"id": "o"}},
-        "updatedRefs": [{"ref": r#ref, "oldSha": "f".repeat(40), "newSha": sha}],
+        "updatedRefs": [{"ref": r#ref, "oldSha": old, "newSha": sha}],
         "webhook": {"id": "w", "version": 3}
     })
     .to_string()
@@ -72,7 +77,12 @@ async fn a_delivery_moves_the_space_to_the_new_sha_and_nothing_else_does() {
     let rv = api.get("demo").await.expect("get").metadata.resource_version;
     assert_eq!(send(Some(SECRET), delivery(&ns.name, "demo", "refs/heads/main", sha1)).await, 200);
     assert_eq!(api.get("demo").await.expect("get").metadata.resource_version, rv, "redelivery wrote nothing");
-    assert_eq!(send(Some(SECRET), delivery(&ns.name, "demo", "refs/heads/main", sha2)).await, 202);
+    assert_eq!(send(Some(SECRET), push(&ns.name, "demo", "refs/heads/main", sha1, sha2)).await, 202);
     assert_eq!(head(&api, "demo").await.as_deref(), Some(sha2));
+    // The push to sha1 delivered again, late: refused, the Space stays at sha2, nothing written.
+    let rv = api.get("demo").await.expect("get").metadata.resource_version;
+    assert_eq!(send(Some(SECRET), delivery(&ns.name, "demo", "refs/heads/main", sha1)).await, 409);
+    assert_eq!(head(&api, "demo").await.as_deref(), Some(sha2));
+    assert_eq!(api.get("demo").await.expect("get").metadata.resource_version, rv, "a late delivery wrote nothing");
     assert_eq!(api.get("demo").await.expect("get").spec, spec_before, "the owner's spec is untouched");
 }

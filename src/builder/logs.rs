@@ -206,19 +206,71 @@ impl LogStore {
     }
 }
 
+/// The longest log line kept whole; a longer one is cut into pieces of this size.
+pub const MAX_LINE: usize = 16 * 1024;
+
+/// Splits output into lines of at most [`MAX_LINE`] bytes: an app's output
+/// is untrusted, and a line that never ends must not grow memory.
+#[derive(Debug, Default)]
+pub struct Lines {
+    pending: Vec<u8>,
+}
+
+impl Lines {
+    /// Takes the next bytes; `line` gets each line they complete.
+    pub fn feed(&mut self, mut data: &[u8], mut line: impl FnMut(&str)) {
+        while let Some(end) = data.iter().position(|&b| b == b'\n') {
+            self.push(&data[..end], &mut line);
+            Self::emit(&mut self.pending, &mut line);
+            data = &data[end + 1..];
+        }
+        self.push(data, &mut line);
+    }
+
+    /// The last line, if the output did not end with a newline.
+    pub fn finish(mut self, mut line: impl FnMut(&str)) {
+        if !self.pending.is_empty() {
+            Self::emit(&mut self.pending, &mut line);
+        }
+    }
+
+    fn push(&mut self, mut data: &[u8], line: &mut impl FnMut(&str)) {
+        while self.pending.len() + data.len() >= MAX_LINE {
+            let (piece, rest) = data.split_at(MAX_LINE - self.pending.len());
+            self.pending.extend_from_slice(piece);
+            Self::emit(&mut self.pending, line);
+            data = rest;
+        }
+        self.pending.extend_from_slice(data);
+    }
+
+    fn emit(pending: &mut Vec<u8>, line: &mut impl FnMut(&str)) {
+        let text = pending.strip_suffix(b"\r").unwrap_or(pending);
+        line(&String::from_utf8_lossy(text));
+        pending.clear();
+    }
+}
+
 /// Appends every line read from `reader` (a pod's log stream, a process's
 /// output) to `space`'s `kind` log until it ends.
 pub async fn pump_lines(
     store: &LogStore,
     space: &str,
     kind: LogKind,
-    reader: impl tokio::io::AsyncBufRead + Unpin,
+    mut reader: impl tokio::io::AsyncBufRead + Unpin,
 ) -> std::io::Result<()> {
     use tokio::io::AsyncBufReadExt;
-    let mut lines = reader.lines();
-    while let Some(line) = lines.next_line().await? {
-        store.append(space, kind, &line);
+    let mut lines = Lines::default();
+    loop {
+        let data = reader.fill_buf().await?;
+        if data.is_empty() {
+            break;
+        }
+        lines.feed(data, |line| store.append(space, kind, line));
+        let n = data.len();
+        reader.consume(n);
     }
+    lines.finish(|line| store.append(space, kind, line));
     Ok(())
 }
 
@@ -353,5 +405,18 @@ mod tests {
         s.close("a/b", LogKind::Build);
         let all: Vec<_> = stream.collect().await;
         assert_eq!(all.len(), 2);
+    }
+
+    #[test]
+    fn lines_are_bounded_and_split_anywhere() {
+        let mut out = Vec::new();
+        let mut lines = Lines::default();
+        lines.feed(b"one\r\ntw", |l| out.push(l.to_owned()));
+        lines.feed(b"o\n", |l| out.push(l.to_owned()));
+        let endless = vec![b'x'; MAX_LINE * 2 + 5];
+        lines.feed(&endless, |l| out.push(l.to_owned()));
+        lines.finish(|l| out.push(l.to_owned()));
+        assert_eq!(&out[..2], ["one", "two"]);
+        assert_eq!(out[2..].iter().map(String::len).collect::<Vec<_>>(), [MAX_LINE, MAX_LINE, 5]);
     }
 }

@@ -218,6 +218,8 @@ pub async fn run(args: UpArgs) -> crate::Result<()> {
     let source = MemorySource::new(&args.domain);
     let proxy_config = ProxyConfig {
         listen: args.listen,
+        // Its /metrics: on loopback, apart from the Spaces' port.
+        admin_listen: Some(SocketAddr::from(([127, 0, 0, 1], 0))),
         drain_timeout: Duration::from_secs(5),
         activity_interval: ACTIVITY_INTERVAL,
         ..ProxyConfig::default()
@@ -277,7 +279,8 @@ pub async fn run(args: UpArgs) -> crate::Result<()> {
             });
         let router = crate::builder::logs::router(logs, access)
             .route("/metrics", axum::routing::get(move || async move { metrics.encode() }));
-        if let Err(e) = axum::serve(logs_listener, router).await {
+        let limits = crate::http_server::Limits::default();
+        if let Err(e) = crate::http_server::serve(logs_listener, router, limits, std::future::pending()).await {
             tracing::warn!(error = %e, "the logs API stopped");
         }
     });
@@ -299,10 +302,22 @@ pub async fn run(args: UpArgs) -> crate::Result<()> {
          use the second: *.{} names do not resolve there)",
         args.domain
     );
+    // Names that collide into one host: the Space given first keeps it.
+    let table = source.table();
+    for space in &spaces {
+        if let Some(holder) = table.host_holder(&space.key) {
+            println!(
+                "  {}: no host route: {} is {holder}'s (given first); served at {}",
+                space.key,
+                crate::space::naming::host(&space.key.namespace, &space.key.name, &ctx.domain),
+                path_url(proxy.addr, &space.key)
+            );
+        }
+    }
     println!("logs: http://{logs_addr}/api/spaces/<owner>/<name>/logs/build (or /run)");
     println!(
         "metrics: http://{logs_addr}/metrics (memory held by frozen Spaces; the proxy's at http://{}/metrics)",
-        proxy.addr
+        proxy.admin_addr.unwrap_or(proxy.addr)
     );
     let senders = Arc::new(senders);
     let handler: WakeHandler = Arc::new(move |key: SpaceKey| {

@@ -52,6 +52,8 @@ pub struct NodeAgentArgs {
     /// Manage the pods of one namespace only (as the operator's and proxy's `--namespace`).
     #[arg(long, env = "HANGAR_NAMESPACE")]
     pub namespace: Option<String>,
+    #[command(flatten)]
+    pub limits: crate::http_server::Limits,
 }
 
 /// Reads a token file: its content without surrounding whitespace, never empty.
@@ -79,7 +81,7 @@ pub async fn run(args: NodeAgentArgs) -> crate::Result<()> {
     tokio::spawn(watch_pods(client, args.clone(), Arc::clone(&agent), synced_tx));
     tracing::info!(addr = %bound, "thaw API listening");
     let app = api::router(api::ApiState::new(agent, &token, registry, synced));
-    axum::serve(listener, app).with_graceful_shutdown(crate::shutdown::signal()).await?;
+    crate::http_server::serve(listener, app, args.limits, crate::shutdown::signal()).await?;
     Ok(())
 }
 

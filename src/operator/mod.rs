@@ -36,6 +36,7 @@ use kube::{Api, Client, ResourceExt};
 use prometheus_client::registry::Registry;
 
 use crate::space::Space;
+use crate::space::host_claim::Claim;
 use crate::space::naming::SPACE_LABEL;
 
 /// `hangar operator` settings.
@@ -54,6 +55,10 @@ pub struct OperatorArgs {
     /// Watch Spaces of this namespace only (default: all namespaces).
     #[arg(long, env = "HANGAR_WATCH_NAMESPACE")]
     pub namespace: Option<String>,
+    /// Reconcile only the Spaces with these labels (a label selector, e.g.
+    /// `team=ml`): operators that share a cluster split its Spaces by label.
+    #[arg(long, env = "HANGAR_SPACE_SELECTOR")]
+    pub space_selector: Option<String>,
     #[command(flatten)]
     pub sleep: sleep::SleepArgs,
     /// Address of /healthz, /readyz and /metrics.
@@ -79,6 +84,8 @@ pub struct OperatorArgs {
     pub token_resync: std::time::Duration,
     #[command(flatten)]
     pub build: BuildArgs,
+    #[command(flatten)]
+    pub limits: crate::http_server::Limits,
 }
 
 fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
@@ -203,6 +210,23 @@ fn by_space_label<K: kube::Resource>(object: &K) -> Option<ObjectRef<Space>> {
     Some(ObjectRef::new(space).within(object.meta().namespace.as_deref()?))
 }
 
+/// Reconciles the other Spaces whose host name `space` shares: whether each
+/// holds it may have changed with `space` coming or going.
+fn recheck_host_sharers(
+    store: &reflector::Store<Space>,
+    space: &Space,
+    triggers: &tokio::sync::mpsc::UnboundedSender<ObjectRef<Space>>,
+) {
+    let me = Claim::of(space);
+    let sharing = store.state_filter(|o| {
+        let other = Claim::of(o);
+        !other.is(&me) && other.same_host(&me)
+    });
+    for other in sharing {
+        let _ = triggers.send(ObjectRef::from_obj(&*other));
+    }
+}
+
 /// Runs the operator until a shutdown signal or the loss of leadership.
 pub async fn run(args: OperatorArgs) -> crate::Result<()> {
     let mapping = match &args.hardware_mapping {
@@ -217,6 +241,7 @@ pub async fn run(args: OperatorArgs) -> crate::Result<()> {
     let client = Client::try_default().await?;
     let builder = args.build.builder().await?;
     let (triggers, triggered) = tokio::sync::mpsc::unbounded_channel();
+    let recheck = triggers.clone();
     let builds = Arc::new(builds::Builds::new(builder, client.clone(), triggers));
     let mut registry = Registry::default();
     let metrics = metrics::Metrics::new(&mut registry);
@@ -245,7 +270,7 @@ pub async fn run(args: OperatorArgs) -> crate::Result<()> {
     let listener = tokio::net::TcpListener::bind(args.http_addr).await?;
     tracing::info!(addr = %args.http_addr, "operator health and metrics listening");
     tokio::spawn(async move {
-        if let Err(e) = axum::serve(listener, app).await {
+        if let Err(e) = crate::http_server::serve(listener, app, args.limits, std::future::pending()).await {
             tracing::error!(error = %e, "health server failed");
         }
     });
@@ -290,14 +315,22 @@ pub async fn run(args: OperatorArgs) -> crate::Result<()> {
     let ctx =
         Arc::new(reconcile::Context::new(client.clone(), recorder, metrics, config, builds, caches, spaces.clone()));
     let forgetting = ctx.clone();
-    let space_events = watcher(api::<Space>(&client, ns), watcher::Config::default())
+    let store = spaces.clone();
+    let space_watch = match &args.space_selector {
+        Some(selector) => watcher::Config::default().labels(selector),
+        None => watcher::Config::default(),
+    };
+    let space_events = watcher(api::<Space>(&client, ns), space_watch)
         .default_backoff()
         .modify(cache::strip_managed_fields)
         .reflect(writer)
         .inspect_ok(move |event| match event {
             watcher::Event::Delete(space) => {
-                forgetting.forget(&space.namespace().unwrap_or_default(), &space.name_any())
+                forgetting.forget(&space.namespace().unwrap_or_default(), &space.name_any());
+                recheck_host_sharers(&store, space, &recheck);
             }
+            // A Space that appears may hold (or take back) another's host name.
+            watcher::Event::Apply(space) => recheck_host_sharers(&store, space, &recheck),
             watcher::Event::InitDone => forgetting.forget_absent(),
             _ => {}
         })

@@ -24,7 +24,8 @@ use super::render::{self, RenderInput};
 use super::sleep;
 use super::status::{self, BuildView, Facts};
 use crate::space::app_config::runtime_spec;
-use crate::space::naming::{self, CUSTOM_HEADERS_ANNOTATION};
+use crate::space::host_claim::{self, Claim};
+use crate::space::naming::{self, BASE_PATH_ANNOTATION, CUSTOM_HEADERS_ANNOTATION};
 use crate::space::{AppConfig, BuildStatus, ConfigError, Space, SpaceStatus, Stage, resolve};
 use crate::{Error, Result};
 
@@ -290,9 +291,17 @@ async fn reconcile_inner(space: &Space, ctx: &Context) -> Result<Action> {
     // Status from the facts at hand, written alongside the workload rather
     // than after it: a new or changed Space shows where it stands at once.
     let pods = ctx.caches.pods(&namespace, &name);
-    let url = format!("{}://{}/", ctx.config.url_scheme, naming::host(&namespace, &name, &ctx.config.domain));
+    let host = naming::host(&namespace, &name, &ctx.config.domain);
+    let host_holder = host_holder(space, &ctx.spaces);
+    let url = match host_holder {
+        None => format!("{}://{host}/", ctx.config.url_scheme),
+        // Served by its path route only.
+        Some(_) => {
+            format!("{}://{}{}/", ctx.config.url_scheme, ctx.config.domain, naming::path_prefix(&namespace, &name))
+        }
+    };
     let token_hmac = ctx.tokens.published(&ctx.client, space).await;
-    let desired = status::derive(&Facts {
+    let facts = Facts {
         generation: space.meta().generation,
         config_error: config.as_ref().and_then(|c| c.as_ref().err()).cloned(),
         paused: space.spec.paused,
@@ -309,10 +318,14 @@ async fn reconcile_inner(space: &Space, ctx: &Context) -> Result<Action> {
         build_record: record,
         token_hmac,
         now,
-    });
+    };
+    let mut desired = status::derive(&facts);
+    if let Some(holder) = &host_holder {
+        status::host_taken(&mut desired, &host, holder, &facts);
+    }
     let status = async {
         if let Some(Ok(config)) = &config {
-            publish_custom_headers(space, ctx, config).await?;
+            publish_route_config(space, ctx, config).await?;
         }
         write_status(space, ctx, &desired).await
     };
@@ -396,17 +409,39 @@ async fn apply_workload(
     Ok(())
 }
 
-/// The proxy adds the front matter's `custom_headers` to responses; it learns
-/// them from this annotation (it never reads repositories). Written only when
-/// it changes, with the operator's field manager owning just this key.
-async fn publish_custom_headers(space: &Space, ctx: &Context, config: &AppConfig) -> Result<()> {
-    let current = space.annotations().get(CUSTOM_HEADERS_ANNOTATION);
-    let desired = (!config.custom_headers.is_empty()).then(|| json!(config.custom_headers).to_string());
-    if current == desired.as_ref() {
+/// The older Space (`owner/name`) that holds this one's host name, if another
+/// does ([`host_claim`]: the same rule the proxy routes by).
+fn host_holder(space: &Space, spaces: &Store<Space>) -> Option<String> {
+    let me = Claim::of(space);
+    let sharing = spaces.state_filter(|o| {
+        let other = Claim::of(o);
+        !other.is(&me) && other.same_host(&me)
+    });
+    let holder = host_claim::holder(&me, sharing.iter().map(|s| Claim::of(s)))?;
+    Some(naming::space_id(holder.namespace, holder.name))
+}
+
+/// The proxy adds the front matter's `custom_headers` to responses and
+/// redirects a Space's root to its `base_path`; it learns both from these
+/// annotations (it never reads repositories). Written only when they change,
+/// with the operator's field manager owning just these keys.
+async fn publish_route_config(space: &Space, ctx: &Context, config: &AppConfig) -> Result<()> {
+    let headers = (!config.custom_headers.is_empty()).then(|| json!(config.custom_headers).to_string());
+    let base_path = (config.base_path != "/").then(|| config.base_path.clone());
+    let current = space.annotations();
+    if current.get(CUSTOM_HEADERS_ANNOTATION) == headers.as_ref()
+        && current.get(BASE_PATH_ANNOTATION) == base_path.as_ref()
+    {
         return Ok(());
     }
     let api: Api<Space> = Api::namespaced(ctx.client.clone(), &space.namespace().unwrap_or_default());
-    let annotations = desired.map_or_else(|| json!({}), |h| json!({CUSTOM_HEADERS_ANNOTATION: h}));
+    let mut annotations = serde_json::Map::new();
+    if let Some(h) = headers {
+        annotations.insert(CUSTOM_HEADERS_ANNOTATION.to_owned(), h.into());
+    }
+    if let Some(p) = base_path {
+        annotations.insert(BASE_PATH_ANNOTATION.to_owned(), p.into());
+    }
     let patch = json!({"apiVersion": "hangar.dev/v1alpha1", "kind": "Space", "metadata": {"annotations": annotations}});
     ctx.metrics.call("annotate_space");
     api.patch(&space.name_any(), &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&patch)).await?;

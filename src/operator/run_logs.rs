@@ -14,7 +14,7 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
-use futures::{AsyncBufReadExt, StreamExt};
+use futures::{AsyncBufRead, AsyncBufReadExt, StreamExt};
 use k8s_openapi::api::core::v1::{Pod, Secret};
 use k8s_openapi::jiff::Timestamp;
 use kube::api::LogParams;
@@ -22,6 +22,7 @@ use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client, ResourceExt};
 
 use super::render::APP_CONTAINER;
+use crate::builder::logs::Lines;
 use crate::builder::{LogKind, LogStore};
 use crate::space::naming::{SPACE_LABEL, space_id};
 
@@ -223,17 +224,28 @@ async fn follow(client: Client, key: SpaceKey, pod: PodView, store: LogStore) {
         };
         match pods.log_stream(&pod.name, &params).await {
             Ok(stream) => {
-                let mut lines = stream.lines();
-                while let Some(Ok(line)) = lines.next().await {
-                    let (ts, text) = split_timestamp(&line);
+                // The app's output: bounded lines, whatever it prints.
+                let mut stream = std::pin::pin!(stream);
+                let mut lines = Lines::default();
+                let mut take = |line: &str| {
+                    let (ts, text) = split_timestamp(line);
                     if let Some(ts) = ts {
                         if last.is_some_and(|l| ts <= l) {
-                            continue;
+                            return;
                         }
                         last = Some(ts);
                     }
                     log.line(text);
+                };
+                while let Ok(data) = stream.as_mut().fill_buf().await {
+                    if data.is_empty() {
+                        break;
+                    }
+                    lines.feed(data, &mut take);
+                    let n = data.len();
+                    stream.as_mut().consume(n);
                 }
+                lines.finish(&mut take);
             }
             Err(e) => tracing::debug!(space = %key.1, pod = %pod.name, error = %e, "run log not readable yet"),
         }

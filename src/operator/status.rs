@@ -10,6 +10,9 @@ use crate::space::{HardwareStatus, ReplicaStatus, SleepStatus, SleepTier, SpaceS
 
 pub const READY: &str = "Ready";
 pub const SCHEDULED: &str = "Scheduled";
+/// Present (False) when another Space holds the host name this one's names
+/// map to ([`crate::space::host_claim`]): it is served by path only.
+pub const HOST_ROUTE: &str = "HostRoute";
 
 /// Container states that mean the app cannot run until something changes.
 const RUNTIME_FAILURES: &[&str] = &[
@@ -206,6 +209,15 @@ pub fn derive(facts: &Facts) -> SpaceStatus {
     }
 }
 
+/// Adds `HostRoute=False` (reason `HostTaken`) to a derived status: `host` is
+/// this Space's host name, `holder` (`owner/name`) the older Space that has it.
+pub fn host_taken(status: &mut SpaceStatus, host: &str, holder: &str, facts: &Facts) {
+    let message = format!(
+        "the host {host} is taken: Space {holder} (older) holds it, so this Space is served by its path route only; rename one of them to get a host of its own"
+    );
+    status.conditions.push(condition(HOST_ROUTE, false, "HostTaken", message, facts));
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -262,6 +274,17 @@ mod tests {
     fn stage(f: &Facts) -> (Stage, String) {
         let s = derive(f);
         (s.stage.expect("a stage"), s.message.expect("a message"))
+    }
+
+    #[test]
+    fn a_taken_host_is_a_condition_that_names_it_and_its_holder() {
+        let pods = [];
+        let f = facts(&pods);
+        let mut s = derive(&f);
+        host_taken(&mut s, "acme-corp-app.hf.test", "acme/corp-app", &f);
+        let c = s.conditions.iter().find(|c| c.type_ == HOST_ROUTE).expect("condition");
+        assert_eq!((c.status.as_str(), c.reason.as_str()), ("False", "HostTaken"));
+        assert!(c.message.contains("acme-corp-app.hf.test") && c.message.contains("acme/corp-app"), "{}", c.message);
     }
 
     #[test]

@@ -34,9 +34,17 @@ pub struct ProxyArgs {
     /// Seconds to wait for an upstream's response head.
     #[arg(long, default_value_t = 300)]
     pub header_timeout_secs: u64,
-    /// Keep incoming X-Forwarded-* headers (only behind a trusted load balancer).
+    /// Peers (CIDRs, comma-separated) whose X-Forwarded-*, Forwarded and
+    /// X-Real-IP headers are kept: the load balancers in front of the proxy.
+    /// From anyone else the proxy sets its own. Default: none.
+    #[arg(long, env = "HANGAR_PROXY_TRUSTED_PROXIES", value_delimiter = ',')]
+    pub trusted_proxies: Vec<ipnet::IpNet>,
+    /// Trust every peer's forwarding headers (as `--trusted-proxies 0.0.0.0/0,::/0`):
+    /// only when nothing but a trusted load balancer can reach the proxy.
     #[arg(long, env = "HANGAR_PROXY_TRUST_FORWARDED")]
     pub trust_forwarded_headers: bool,
+    #[command(flatten)]
+    pub limits: crate::http_server::Limits,
     /// File with the node agents' bearer token: frozen Spaces are thawed
     /// through them (without it the proxy assumes no agents, nothing frozen).
     #[arg(long, env = "HANGAR_NODE_AGENT_TOKEN_FILE")]
@@ -62,6 +70,14 @@ fn parse_route(spec: &str) -> Result<SpaceRoute, String> {
     route.stage = Some(crate::space::Stage::Running);
     route.endpoints = vec![addr];
     Ok(route)
+}
+
+fn trusted_proxies(args: &ProxyArgs) -> Vec<ipnet::IpNet> {
+    let mut nets = args.trusted_proxies.clone();
+    if args.trust_forwarded_headers {
+        nets.extend(["0.0.0.0/0", "::/0"].iter().filter_map(|n| n.parse::<ipnet::IpNet>().ok()));
+    }
+    nets
 }
 
 /// Runs `hangar proxy` until SIGINT/SIGTERM.
@@ -91,7 +107,8 @@ pub async fn run(args: ProxyArgs) -> crate::Result<()> {
         admin_listen: Some(args.admin_listen),
         max_held_per_space: args.max_held_per_space,
         header_timeout: Duration::from_secs(args.header_timeout_secs),
-        trust_forwarded_headers: args.trust_forwarded_headers,
+        trusted_proxies: trusted_proxies(&args),
+        limits: args.limits,
         workers: args.workers,
         ..ProxyConfig::default()
     };

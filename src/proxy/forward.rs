@@ -35,6 +35,8 @@ static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 static X_FORWARDED_PREFIX: HeaderName = HeaderName::from_static("x-forwarded-prefix");
+static X_REAL_IP: HeaderName = HeaderName::from_static("x-real-ip");
+static FORWARDED: HeaderName = HeaderName::from_static("forwarded");
 
 /// Headers that describe one hop, not the message (RFC 9110 7.6.1), plus the
 /// de-facto ones proxies drop, and `Upgrade` (set again for upgrades).
@@ -101,14 +103,36 @@ pub struct Outgoing<'a> {
     pub upstream: SocketAddr,
     /// Path and query the app sees.
     pub path_and_query: &'a str,
-    /// The client's address as `X-Forwarded-For` says it ([`client_ip`]: once per connection).
-    pub client_ip: &'a HeaderValue,
+    /// The client (once per connection): its address, and whether its forwarding headers are trusted.
+    pub client: &'a Client,
     /// `X-Forwarded-Prefix` for path routing; empty for host routing.
     pub prefix: &'a str,
     /// The request's `Authorization` was the proxy's own (private Space): drop it.
     pub strip_authorization: bool,
-    /// Keep and extend incoming `X-Forwarded-*` (the proxy sits behind a trusted load balancer).
-    pub trust_forwarded: bool,
+}
+
+/// Who is on the other end of a client connection.
+#[derive(Clone, Debug)]
+pub struct Client {
+    /// Its address as `X-Forwarded-For` and `X-Real-IP` carry it ([`client_ip`]).
+    pub ip: HeaderValue,
+    /// The proxy's own `Forwarded` for it (RFC 7239): `for=...;proto=http`.
+    pub forwarded: HeaderValue,
+    /// A trusted proxy: its `X-Forwarded-*`, `Forwarded` and `X-Real-IP` are kept.
+    pub trusted: bool,
+}
+
+impl Client {
+    pub fn new(peer: SocketAddr, trusted_proxies: &[ipnet::IpNet]) -> Self {
+        let ip = peer.ip().to_canonical();
+        let node = match ip {
+            std::net::IpAddr::V4(v4) => v4.to_string(),
+            std::net::IpAddr::V6(v6) => format!("\"[{v6}]\""),
+        };
+        let forwarded = HeaderValue::try_from(format!("for={node};proto=http"))
+            .unwrap_or_else(|_| HeaderValue::from_static("for=unknown;proto=http"));
+        Self { ip: client_ip(peer), forwarded, trusted: trusted_proxies.iter().any(|net| net.contains(&ip)) }
+    }
 }
 
 /// A client address as `X-Forwarded-For` carries it (IPv4-mapped IPv6 as IPv4).
@@ -138,29 +162,37 @@ pub fn prepare_request(parts: &mut http::request::Parts, out: &Outgoing<'_>) -> 
     if let Some(host) = &host {
         headers.insert(HOST, host.clone());
     }
-    let prior = headers.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()).filter(|_| out.trust_forwarded);
+    let trusted = out.client.trusted;
+    let prior = headers.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()).filter(|_| trusted);
     let forwarded_for = match prior {
         Some(prior) => {
-            let mut v = Vec::with_capacity(prior.len() + 2 + out.client_ip.len());
+            let mut v = Vec::with_capacity(prior.len() + 2 + out.client.ip.len());
             v.extend_from_slice(prior.as_bytes());
             v.extend_from_slice(b", ");
-            v.extend_from_slice(out.client_ip.as_bytes());
+            v.extend_from_slice(out.client.ip.as_bytes());
             HeaderValue::from_bytes(&v)?
         }
-        None => out.client_ip.clone(),
+        None => out.client.ip.clone(),
     };
     headers.insert(X_FORWARDED_FOR.clone(), forwarded_for);
-    if !(out.trust_forwarded && headers.contains_key(&X_FORWARDED_PROTO)) {
+    // A client's own claims about who it is reach the app only through a trusted proxy.
+    if !(trusted && headers.contains_key(&X_REAL_IP)) {
+        headers.insert(X_REAL_IP.clone(), out.client.ip.clone());
+    }
+    if !(trusted && headers.contains_key(&FORWARDED)) {
+        headers.insert(FORWARDED.clone(), out.client.forwarded.clone());
+    }
+    if !(trusted && headers.contains_key(&X_FORWARDED_PROTO)) {
         headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static("http"));
     }
-    if !(out.trust_forwarded && headers.contains_key(&X_FORWARDED_HOST)) {
+    if !(trusted && headers.contains_key(&X_FORWARDED_HOST)) {
         match host {
             Some(host) => headers.insert(X_FORWARDED_HOST.clone(), host),
             None => headers.remove(&X_FORWARDED_HOST),
         };
     }
     if out.prefix.is_empty() {
-        if !out.trust_forwarded {
+        if !trusted {
             headers.remove(&X_FORWARDED_PREFIX);
         }
     } else {
@@ -474,16 +506,18 @@ mod tests {
         req.into_parts().0
     }
 
-    static CLIENT_IP: HeaderValue = HeaderValue::from_static("192.168.1.9");
+    fn client(trust: bool) -> Client {
+        let nets: Vec<ipnet::IpNet> = if trust { vec!["192.168.0.0/16".parse().expect("cidr")] } else { Vec::new() };
+        Client::new(SocketAddr::from(([192, 168, 1, 9], 50000)), &nets)
+    }
 
-    fn out(prefix: &str, trust: bool) -> Outgoing<'_> {
+    fn out<'a>(prefix: &'a str, client: &'a Client) -> Outgoing<'a> {
         Outgoing {
             upstream: SocketAddr::from(([10, 0, 0, 5], 7860)),
             path_and_query: "/queue/join?x=1",
-            client_ip: &CLIENT_IP,
+            client,
             prefix,
             strip_authorization: true,
-            trust_forwarded: trust,
         }
     }
 
@@ -499,11 +533,13 @@ mod tests {
                 .header("authorization", "Bearer t")
                 .header("x-forwarded-for", "6.6.6.6")
                 .header("x-forwarded-proto", "https")
+                .header("x-real-ip", "6.6.6.6")
+                .header("forwarded", "for=6.6.6.6;proto=https")
                 .header("accept", "text/event-stream")
                 .body(())
                 .expect("request"),
         );
-        prepare_request(&mut p, &out("/spaces/a/b", false)).expect("prepares");
+        prepare_request(&mut p, &out("/spaces/a/b", &client(false))).expect("prepares");
         let h = &p.headers;
         for gone in ["connection", "keep-alive", "x-secret-hop", "te", "authorization"] {
             assert!(!h.contains_key(gone), "{gone} must not be forwarded");
@@ -513,6 +549,8 @@ mod tests {
         assert_eq!(h["x-forwarded-proto"], "http");
         assert_eq!(h["x-forwarded-host"], "proxy.example.com");
         assert_eq!(h["x-forwarded-prefix"], "/spaces/a/b");
+        assert_eq!(h["x-real-ip"], "192.168.1.9");
+        assert_eq!(h["forwarded"], "for=192.168.1.9;proto=http");
         assert_eq!(h["accept"], "text/event-stream");
         assert_eq!(p.uri, "/queue/join?x=1");
         assert_eq!(p.version, Version::HTTP_11);
@@ -522,6 +560,11 @@ mod tests {
     fn client_ip_is_canonical() {
         assert_eq!(client_ip("[::ffff:10.1.2.3]:80".parse().expect("addr")), "10.1.2.3");
         assert_eq!(client_ip("[::1]:80".parse().expect("addr")), "::1");
+        let nets: Vec<ipnet::IpNet> = vec!["10.0.0.0/8".parse().expect("cidr")];
+        let mapped = Client::new("[::ffff:10.1.2.3]:80".parse().expect("addr"), &nets);
+        assert!(mapped.trusted, "IPv4-mapped addresses match IPv4 ranges");
+        assert!(!Client::new("[::1]:80".parse().expect("addr"), &nets).trusted);
+        assert_eq!(Client::new("[::1]:80".parse().expect("addr"), &[]).forwarded, "for=\"[::1]\";proto=http");
     }
 
     #[test]
@@ -531,11 +574,17 @@ mod tests {
                 .header("host", "h")
                 .header("x-forwarded-for", "1.2.3.4")
                 .header("x-forwarded-proto", "https")
+                .header("x-real-ip", "1.2.3.4")
+                .header("forwarded", "for=1.2.3.4")
                 .body(())
                 .expect("request"),
         );
-        prepare_request(&mut p, &out("", true)).expect("prepares");
+        prepare_request(&mut p, &out("", &client(true))).expect("prepares");
         assert_eq!(p.headers["x-forwarded-for"], "1.2.3.4, 192.168.1.9");
+        assert_eq!(
+            (p.headers["x-real-ip"].as_bytes(), p.headers["forwarded"].as_bytes()),
+            (&b"1.2.3.4"[..], &b"for=1.2.3.4"[..])
+        );
         assert_eq!(p.headers["x-forwarded-proto"], "https");
         assert!(!p.headers.contains_key("x-forwarded-prefix"));
     }
@@ -551,14 +600,14 @@ mod tests {
                 .body(())
                 .expect("request"),
         );
-        prepare_request(&mut p, &out("", false)).expect("prepares");
+        prepare_request(&mut p, &out("", &client(false))).expect("prepares");
         assert_eq!(p.headers["connection"], "upgrade");
         assert_eq!(p.headers["upgrade"], "websocket");
         assert_eq!(p.headers["sec-websocket-key"], "k");
 
         let mut p =
             parts(Request::get("https://a-b.spaces.test/x").version(Version::HTTP_2).body(()).expect("request"));
-        prepare_request(&mut p, &out("", false)).expect("prepares");
+        prepare_request(&mut p, &out("", &client(false))).expect("prepares");
         assert_eq!(p.headers["host"], "a-b.spaces.test");
         assert_eq!(p.version, Version::HTTP_11);
         // An HTTP/2 request cannot upgrade this way.

@@ -28,6 +28,7 @@ use tokio_util::sync::CancellationToken;
 use super::forward::{self, ForwardError, POOL_IDLE_TIMEOUT};
 use super::route::{Access, Disposition, Match, Resolution};
 use super::server::{self, Worker};
+use crate::space::custom_headers;
 
 /// A request head that does not fit goes to hyper (which answers 431).
 const MAX_REQUEST_HEAD: usize = 64 * 1024;
@@ -52,18 +53,21 @@ pub enum Served {
 pub async fn serve(
     worker: &Worker,
     mut client: TcpStream,
-    client_ip: &HeaderValue,
+    peer: &forward::Client,
     shutdown: &CancellationToken,
 ) -> Served {
     let mut conn = Conn { buf: Vec::with_capacity(CHUNK), out: Vec::with_capacity(1024), head: Vec::new() };
-    // One timer per connection, re-armed per request head.
-    let timer = tokio::time::sleep(server::HEADER_READ_TIMEOUT);
+    let limits = worker.inner().config.limits;
+    // One timer per connection, re-armed per request head: a new connection
+    // and a started head get the header timeout, a kept-alive one the idle timeout.
+    let timer = tokio::time::sleep(limits.header_read_timeout);
     tokio::pin!(timer);
+    let mut served = false;
     loop {
         let mut armed = false;
         let mut taken = loop {
             if !conn.buf.is_empty() {
-                match take(worker, &conn.buf, &mut conn.out, client_ip) {
+                match take(worker, &conn.buf, &mut conn.out, peer) {
                     Step::Take(taken) => break taken,
                     Step::HandOff => return Served::HandOff(client, conn.buf),
                     Step::Partial if conn.buf.len() >= MAX_REQUEST_HEAD => {
@@ -72,16 +76,21 @@ pub async fn serve(
                     Step::Partial => {}
                 }
             }
+            let idle = conn.buf.is_empty();
             if !armed {
-                timer.as_mut().reset(tokio::time::Instant::now() + server::HEADER_READ_TIMEOUT);
+                let limit = if served && idle { limits.idle_timeout } else { limits.header_read_timeout };
+                timer.as_mut().reset(tokio::time::Instant::now() + limit);
                 armed = true;
             }
             conn.buf.reserve(CHUNK);
-            let idle = conn.buf.is_empty();
             tokio::select! {
                 biased;
                 read = client.read_buf(&mut conn.buf) => match read {
                     Ok(0) | Err(_) => return Served::Closed,
+                    // The first bytes of a head on a kept-alive connection: the head's own timeout from now.
+                    Ok(_) if served && idle => {
+                        timer.as_mut().reset(tokio::time::Instant::now() + limits.header_read_timeout);
+                    }
                     Ok(_) => {}
                 },
                 () = &mut timer => return Served::Closed,
@@ -93,6 +102,7 @@ pub async fn serve(
         // that starts waiting afterwards sees the cancellation above.)
         taken.close |= shutdown.is_cancelled();
         let keep = forward_one(worker, &mut client, &mut conn, taken, timer.as_mut()).await;
+        served = true;
         if !keep {
             let _ = client.shutdown().await;
             return Served::Closed;
@@ -128,7 +138,7 @@ struct Taken {
 }
 
 /// Parses the head in `buf`; when the fast path takes the request, writes its upstream head into `out`.
-fn take(worker: &Worker, buf: &[u8], out: &mut Vec<u8>, client_ip: &HeaderValue) -> Step {
+fn take(worker: &Worker, buf: &[u8], out: &mut Vec<u8>, client: &forward::Client) -> Step {
     if buf.starts_with(b"PRI ") {
         // HTTP/2 prior knowledge.
         return Step::HandOff;
@@ -151,12 +161,7 @@ fn take(worker: &Worker, buf: &[u8], out: &mut Vec<u8>, client_ip: &HeaderValue)
     let n = if endpoints.len() > 1 { inner.next_endpoint.fetch_add(1, Ordering::Relaxed) } else { 0 };
     let Some(&upstream) = endpoints.get(n % endpoints.len().max(1)) else { return Step::HandOff };
     out.clear();
-    let rewrite = Rewrite {
-        upstream_path: &m.upstream_path,
-        client_ip: client_ip.as_bytes(),
-        prefix: &m.prefix,
-        trust_forwarded: inner.config.trust_forwarded_headers,
-    };
+    let rewrite = Rewrite { upstream_path: &m.upstream_path, client, prefix: &m.prefix };
     write_request_head(out, &req, &facts, &rewrite);
     Step::Take(Taken {
         head_len,
@@ -723,10 +728,9 @@ fn hop_by_hop(name: &str) -> bool {
 /// What a forwarded request's head gets from the proxy.
 struct Rewrite<'a> {
     upstream_path: &'a str,
-    client_ip: &'a [u8],
+    client: &'a forward::Client,
     /// `X-Forwarded-Prefix` (path routing), or empty.
     prefix: &'a str,
-    trust_forwarded: bool,
 }
 
 /// The upstream request head, as `forward::prepare_request` makes it for a
@@ -740,7 +744,8 @@ fn write_request_head(out: &mut Vec<u8>, req: &httparse::Request<'_, '_>, facts:
     out.extend_from_slice(b" HTTP/1.1\r\n");
     // The first X-Forwarded-For, as `HeaderMap::get` finds it; only trusted ones are extended.
     let mut first_for: Option<Option<&[u8]>> = None;
-    let (mut kept_proto, mut kept_host) = (false, false);
+    let trusted = r.client.trusted;
+    let (mut kept_proto, mut kept_host, mut kept_real_ip, mut kept_forwarded) = (false, false, false, false);
     for h in req.headers.iter() {
         let name = h.name;
         if hop_by_hop(name) || (facts.close && name.eq_ignore_ascii_case("close")) {
@@ -751,13 +756,19 @@ fn write_request_head(out: &mut Vec<u8>, req: &httparse::Request<'_, '_>, facts:
             continue;
         }
         let keep = if name.eq_ignore_ascii_case("x-forwarded-proto") {
-            kept_proto |= r.trust_forwarded;
-            r.trust_forwarded
+            kept_proto |= trusted;
+            trusted
         } else if name.eq_ignore_ascii_case("x-forwarded-host") {
-            kept_host |= r.trust_forwarded;
-            r.trust_forwarded
+            kept_host |= trusted;
+            trusted
         } else if name.eq_ignore_ascii_case("x-forwarded-prefix") {
-            r.trust_forwarded && r.prefix.is_empty()
+            trusted && r.prefix.is_empty()
+        } else if name.eq_ignore_ascii_case("x-real-ip") {
+            kept_real_ip |= trusted;
+            trusted
+        } else if name.eq_ignore_ascii_case("forwarded") {
+            kept_forwarded |= trusted;
+            trusted
         } else {
             true
         };
@@ -766,12 +777,18 @@ fn write_request_head(out: &mut Vec<u8>, req: &httparse::Request<'_, '_>, facts:
         }
     }
     out.extend_from_slice(b"x-forwarded-for: ");
-    if let Some(Some(prior)) = first_for.filter(|_| r.trust_forwarded) {
+    if let Some(Some(prior)) = first_for.filter(|_| trusted) {
         out.extend_from_slice(prior);
         out.extend_from_slice(b", ");
     }
-    out.extend_from_slice(r.client_ip);
+    out.extend_from_slice(r.client.ip.as_bytes());
     out.extend_from_slice(b"\r\n");
+    if !kept_real_ip {
+        push_header(out, b"x-real-ip", r.client.ip.as_bytes());
+    }
+    if !kept_forwarded {
+        push_header(out, b"forwarded", r.client.forwarded.as_bytes());
+    }
     if !kept_proto {
         out.extend_from_slice(b"x-forwarded-proto: http\r\n");
     }
@@ -887,12 +904,14 @@ fn write_response_head(
         .map(<[u8]>::trim_ascii)
         .filter(|t| !t.is_empty())
         .collect();
+    // Never framing or hop-by-hop, whatever reached the route.
+    let custom = || custom.iter().filter(|(name, _)| custom_headers::is_allowed_name(name.as_str()));
     let mut dated = false;
     for h in res.headers.iter() {
         let name = h.name;
         if hop_by_hop(name)
             || named.iter().any(|n| n.eq_ignore_ascii_case(name.as_bytes()))
-            || custom.iter().any(|(c, _)| c.as_str().eq_ignore_ascii_case(name))
+            || custom().any(|(c, _)| c.as_str().eq_ignore_ascii_case(name))
         {
             continue;
         }
@@ -906,7 +925,7 @@ fn write_response_head(
         _ => {}
     }
     if !informational {
-        for (name, value) in custom {
+        for (name, value) in custom() {
             push_header(out, name.as_str().as_bytes(), value.as_bytes());
         }
         if !dated {
@@ -1099,7 +1118,9 @@ mod tests {
         assert!(matches!(req.parse(head), Ok(httparse::Status::Complete(_))));
         let facts = request_facts(&req).expect("taken");
         let mut out = Vec::new();
-        let r = Rewrite { upstream_path: "/queue/join?x=1", client_ip: b"192.168.1.9", prefix, trust_forwarded: trust };
+        let nets: Vec<ipnet::IpNet> = if trust { vec!["192.168.0.0/16".parse().expect("cidr")] } else { Vec::new() };
+        let client = forward::Client::new(std::net::SocketAddr::from(([192, 168, 1, 9], 50000)), &nets);
+        let r = Rewrite { upstream_path: "/queue/join?x=1", client: &client, prefix };
         write_request_head(&mut out, &req, &facts, &r);
         String::from_utf8(out).expect("utf-8")
     }
@@ -1109,19 +1130,22 @@ mod tests {
         let head = b"GET /spaces/a/b/queue/join?x=1 HTTP/1.1\r\nHost: proxy.example.com\r\n\
             Connection: keep-alive, close\r\nKeep-Alive: timeout=5\r\nClose: x\r\nTE: trailers\r\n\
             Authorization: Bearer t\r\nX-Forwarded-For: 6.6.6.6\r\nX-Forwarded-Proto: https\r\n\
-            X-Forwarded-Prefix: /evil\r\nAccept: text/event-stream\r\n\r\n";
+            X-Forwarded-Prefix: /evil\r\nX-Real-IP: 6.6.6.6\r\nForwarded: for=6.6.6.6\r\n\
+            Accept: text/event-stream\r\n\r\n";
         assert_eq!(
             rewrite(head, "/spaces/a/b", false),
             "GET /queue/join?x=1 HTTP/1.1\r\nHost: proxy.example.com\r\nAuthorization: Bearer t\r\n\
-             Accept: text/event-stream\r\nx-forwarded-for: 192.168.1.9\r\nx-forwarded-proto: http\r\n\
+             Accept: text/event-stream\r\nx-forwarded-for: 192.168.1.9\r\nx-real-ip: 192.168.1.9\r\n\
+             forwarded: for=192.168.1.9;proto=http\r\nx-forwarded-proto: http\r\n\
              x-forwarded-host: proxy.example.com\r\nx-forwarded-prefix: /spaces/a/b\r\n\r\n"
         );
         let head = b"GET / HTTP/1.1\r\nHost: h\r\nX-Forwarded-For: 1.2.3.4\r\nX-Forwarded-For: 5.6.7.8\r\n\
-            X-Forwarded-Proto: https\r\nX-Forwarded-Prefix: /lb\r\nContent-Length: 0\r\n\r\n";
+            X-Forwarded-Proto: https\r\nX-Forwarded-Prefix: /lb\r\nX-Real-IP: 1.2.3.4\r\nContent-Length: 0\r\n\r\n";
         assert_eq!(
             rewrite(head, "", true),
             "GET /queue/join?x=1 HTTP/1.1\r\nHost: h\r\nX-Forwarded-Proto: https\r\nX-Forwarded-Prefix: /lb\r\n\
-             Content-Length: 0\r\nx-forwarded-for: 1.2.3.4, 192.168.1.9\r\nx-forwarded-host: h\r\n\r\n"
+             X-Real-IP: 1.2.3.4\r\nContent-Length: 0\r\nx-forwarded-for: 1.2.3.4, 192.168.1.9\r\n\
+             forwarded: for=192.168.1.9;proto=http\r\nx-forwarded-host: h\r\n\r\n"
         );
     }
 
@@ -1133,7 +1157,12 @@ mod tests {
             other => return Err(format!("{other:?}")),
         }
         let facts = response_facts(&res, is_head)?;
-        let custom = [("x-frame-options".parse().expect("name"), HeaderValue::from_static("DENY"))];
+        let custom = [
+            ("cross-origin-opener-policy".parse().expect("name"), HeaderValue::from_static("same-origin")),
+            // Not a header a Space may set: never written, even if it reached the route.
+            ("content-length".parse().expect("name"), HeaderValue::from_static("0")),
+            ("connection".parse().expect("name"), HeaderValue::from_static("close")),
+        ];
         let mut out = Vec::new();
         write_response_head(&mut out, &res, &facts, &custom, false);
         Ok((facts, String::from_utf8(out).expect("utf-8")))
@@ -1172,15 +1201,21 @@ mod tests {
     #[test]
     fn response_head_for_the_client() {
         let head = b"HTTP/1.1 200 Fine\r\nConnection: keep-alive, x-hop\r\nKeep-Alive: timeout=5\r\nX-Hop: 1\r\n\
-            X-Frame-Options: SAMEORIGIN\r\nDate: Thu, 26 Nov 2026 03:00:00 GMT\r\n\r\n";
+            Cross-Origin-Opener-Policy: unsafe-none\r\nDate: Thu, 26 Nov 2026 03:00:00 GMT\r\n\r\n";
         let (_, out) = response(head, false).expect("valid");
         assert_eq!(
             out,
             "HTTP/1.1 200 Fine\r\nDate: Thu, 26 Nov 2026 03:00:00 GMT\r\ntransfer-encoding: chunked\r\n\
-             x-frame-options: DENY\r\n\r\n"
+             cross-origin-opener-policy: same-origin\r\n\r\n"
         );
         let (_, out) = response(b"HTTP/1.1 204 No Content\r\n\r\n", false).expect("valid");
-        assert!(out.starts_with("HTTP/1.1 204 No Content\r\nx-frame-options: DENY\r\ndate: "), "{out}");
+        assert!(
+            out.starts_with("HTTP/1.1 204 No Content\r\ncross-origin-opener-policy: same-origin\r\ndate: "),
+            "{out}"
+        );
+        let (_, out) = response(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n", false).expect("valid");
+        assert!(out.contains("Content-Length: 2\r\n") && !out.contains("content-length: 0"), "{out}");
+        assert!(!out.contains("connection: close"), "{out}");
         assert!(!out.contains("transfer-encoding"), "{out}");
     }
 
@@ -1227,6 +1262,134 @@ mod tests {
         let mut huge = b"1;".to_vec();
         huge.resize(MAX_CHUNK_METADATA + 10, b'a');
         assert!(chunked_end(&huge, 64).is_err());
+    }
+
+    /// A request head from parts the generators pick, some of them hostile.
+    fn head_of(method: &str, target: &str, headers: &[(String, String)]) -> Vec<u8> {
+        let mut head = format!("{method} {target} HTTP/1.1\r\n").into_bytes();
+        for (name, value) in headers {
+            head.extend_from_slice(format!("{name}: {value}\r\n").as_bytes());
+        }
+        head.extend_from_slice(b"\r\n");
+        head
+    }
+
+    fn header_name() -> impl proptest::strategy::Strategy<Value = String> {
+        proptest::prop_oneof![
+            proptest::sample::select(vec![
+                "Host",
+                "Content-Length",
+                "Transfer-Encoding",
+                "Connection",
+                "Keep-Alive",
+                "Upgrade",
+                "Expect",
+                "X-Forwarded-For",
+                "X-Forwarded-Host",
+                "X-Forwarded-Proto",
+                "X-Forwarded-Prefix",
+                "X-Real-IP",
+                "Forwarded",
+                "TE",
+                "Trailer",
+                "Close",
+                "Authorization",
+                "Accept",
+            ])
+            .prop_map(str::to_owned),
+            "[A-Za-z][A-Za-z0-9-]{0,12}",
+        ]
+    }
+
+    use proptest::prelude::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(1000))]
+
+        /// Arbitrary bytes: parsing and rewriting never panic.
+        #[test]
+        fn request_parsing_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..600)) {
+            let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+            let mut req = httparse::Request::new(&mut headers);
+            if let Ok(httparse::Status::Complete(_)) = req.parse(&bytes)
+                && let Some(facts) = request_facts(&req)
+            {
+                let client = forward::Client::new(std::net::SocketAddr::from(([10, 0, 0, 1], 1)), &[]);
+                let mut out = Vec::new();
+                let r = Rewrite { upstream_path: facts.target, client: &client, prefix: "" };
+                write_request_head(&mut out, &req, &facts, &r);
+            }
+            let mut state = ChunkedState::new();
+            let _ = state.feed(&bytes);
+            let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+            let mut res = httparse::Response::new(&mut headers);
+            if let Ok(httparse::Status::Complete(_)) = res.parse(&bytes)
+                && let Ok(facts) = response_facts(&res, false)
+            {
+                let mut out = Vec::new();
+                write_response_head(&mut out, &res, &facts, &[], false);
+            }
+        }
+
+        /// Whatever a client sends, a head the fast path takes is rewritten
+        /// into one complete, well-framed head: the same method, the proxy's
+        /// path, the proxy's own forwarding headers (once each), no hop-by-hop
+        /// header, and a body length exactly when the client gave one.
+        #[test]
+        fn taken_heads_are_rewritten_into_one_clean_head(
+            method in proptest::sample::select(vec!["GET", "POST", "HEAD", "PUT", "DELETE", "OPTIONS", "CONNECT"]),
+            target in "/[ -~]{0,40}",
+            headers in proptest::collection::vec((header_name(), "[ -~]{0,24}"), 0..10),
+            upstream_path in "/[a-z0-9/?=&]{0,20}",
+        ) {
+            // A Host first, so that most heads get past the first check.
+            let head = head_of(method, &target, &[&[("Host".to_owned(), "a-b.d".to_owned())][..], &headers].concat());
+            let mut parsed = [httparse::EMPTY_HEADER; MAX_HEADERS];
+            let mut req = httparse::Request::new(&mut parsed);
+            let Ok(httparse::Status::Complete(_)) = req.parse(&head) else { return Ok(()) };
+            let Some(facts) = request_facts(&req) else { return Ok(()) };
+            prop_assert!(method != "CONNECT");
+            let client = forward::Client::new(std::net::SocketAddr::from(([10, 0, 0, 1], 1)), &[]);
+            let mut out = Vec::new();
+            let r = Rewrite { upstream_path: &upstream_path, client: &client, prefix: "/spaces/a/b" };
+            write_request_head(&mut out, &req, &facts, &r);
+
+            let mut again = [httparse::EMPTY_HEADER; MAX_HEADERS];
+            let mut rewritten = httparse::Request::new(&mut again);
+            prop_assert_eq!(rewritten.parse(&out), Ok(httparse::Status::Complete(out.len())));
+            prop_assert_eq!(rewritten.method, Some(method));
+            prop_assert_eq!(rewritten.path, Some(upstream_path.as_str()));
+            let count = |name: &str| rewritten.headers.iter().filter(|h| h.name.eq_ignore_ascii_case(name)).count();
+            for own in ["x-forwarded-for", "x-real-ip", "forwarded", "x-forwarded-proto", "x-forwarded-prefix"] {
+                prop_assert_eq!(count(own), 1, "{}", own);
+            }
+            for hop in ["connection", "transfer-encoding", "upgrade", "keep-alive", "te", "trailer", "expect"] {
+                prop_assert_eq!(count(hop), 0, "{}", hop);
+            }
+            let lengths: Vec<&[u8]> = rewritten.headers.iter()
+                .filter(|h| h.name.eq_ignore_ascii_case("content-length")).map(|h| h.value).collect();
+            prop_assert!(lengths.len() <= 1);
+            prop_assert_eq!(lengths.first().and_then(|v| decimal(v)).unwrap_or(0), facts.content_length);
+            let forwarded_for = rewritten.headers.iter().find(|h| h.name.eq_ignore_ascii_case("x-forwarded-for"));
+            prop_assert_eq!(forwarded_for.map(|h| h.value), Some(&b"10.0.0.1"[..]), "an untrusted client's XFF is replaced");
+        }
+
+        /// A chunked body ends at the same byte however it is split.
+        #[test]
+        fn chunked_framing_does_not_depend_on_reads(
+            chunks in proptest::collection::vec(proptest::collection::vec(any::<u8>(), 0..40), 0..5),
+            step in 1usize..64,
+        ) {
+            let mut body = Vec::new();
+            for c in chunks.iter().filter(|c| !c.is_empty()) {
+                body.extend_from_slice(format!("{:x}\r\n", c.len()).as_bytes());
+                body.extend_from_slice(c);
+                body.extend_from_slice(b"\r\n");
+            }
+            body.extend_from_slice(b"0\r\n\r\nNEXT");
+            prop_assert_eq!(chunked_end(&body, step), Ok(Some(body.len() - 4)));
+            prop_assert_eq!(chunked_end(&body, body.len()), Ok(Some(body.len() - 4)));
+        }
     }
 
     #[test]

@@ -27,7 +27,7 @@ use super::source::{RouteSource, SourceError};
 use super::thaw::NodeAgents;
 use crate::space::access_token::{ExpectedToken, TokenKey};
 use crate::space::app_config::{self, DEFAULT_STARTUP_TIMEOUT};
-use crate::space::naming::CUSTOM_HEADERS_ANNOTATION;
+use crate::space::naming::{BASE_PATH_ANNOTATION, CUSTOM_HEADERS_ANNOTATION};
 use crate::space::{Sdk, SleepTier, Space, SpaceSpec, Stage, Visibility, naming};
 
 /// The node agents' port unless configured (the chart's `nodeAgent.port`).
@@ -292,7 +292,8 @@ pub fn build_table(
         let name = space.name_any();
         let mut route = SpaceRoute::new(SpaceKey::new(ns.clone(), name.clone()));
         let (app_port, base_path, startup_timeout) = effective_config(&space.spec);
-        route.base_path = base_path;
+        route.base_path = published_base_path(space).unwrap_or(base_path);
+        route.since = space.creation_timestamp().map(|t| t.0.as_second());
         route.startup_timeout = startup_timeout;
         route.paused = space.spec.paused;
         let mut frozen_since = None;
@@ -338,21 +339,35 @@ fn effective_config(spec: &SpaceSpec) -> (u16, String, std::time::Duration) {
         Ok(cfg) => (cfg.app_port, cfg.base_path, cfg.startup_timeout),
         Err(_) => (
             spec.app_port.and_then(|p| u16::try_from(p).ok()).unwrap_or(7860),
-            spec.base_path.clone().unwrap_or_else(|| "/".to_owned()),
+            spec.base_path.clone().filter(|p| app_config::check_base_path(p).is_ok()).unwrap_or_else(|| "/".to_owned()),
             DEFAULT_STARTUP_TIMEOUT,
         ),
     }
 }
 
+/// The effective base path the operator published (front matter included);
+/// one that is not a plain path of the Space's site is ignored.
+fn published_base_path(space: &Space) -> Option<String> {
+    let path = space.annotations().get(BASE_PATH_ANNOTATION)?;
+    match app_config::check_base_path(path) {
+        Ok(()) => Some(path.clone()),
+        Err(e) => {
+            tracing::warn!(space = %space.name_any(), %path, error = e, "ignoring {BASE_PATH_ANNOTATION}");
+            None
+        }
+    }
+}
+
+/// The annotation is the operator's, but the Space's owner can write it too:
+/// only the headers a Space may set pass.
 fn custom_headers(space: &Space) -> Vec<(HeaderName, HeaderValue)> {
     let Some(raw) = space.annotations().get(CUSTOM_HEADERS_ANNOTATION) else {
         return Vec::new();
     };
     match serde_json::from_str::<BTreeMap<String, String>>(raw) {
-        Ok(map) => map
-            .into_iter()
-            .filter_map(|(k, v)| Some((HeaderName::try_from(k).ok()?, HeaderValue::try_from(v).ok()?)))
-            .collect(),
+        Ok(map) => crate::space::custom_headers::to_pairs(&map, |name, why| {
+            tracing::warn!(space = %space.name_any(), header = %name, %why, "ignoring a custom header");
+        }),
         Err(e) => {
             tracing::warn!(space = %space.name_any(), error = %e, "ignoring invalid {CUSTOM_HEADERS_ANNOTATION}");
             Vec::new()
@@ -497,10 +512,24 @@ mod tests {
         let mut s = (*space("a", "b", json!({"image": "i"}), None)).clone();
         s.metadata.annotations = Some(BTreeMap::from([(
             CUSTOM_HEADERS_ANNOTATION.to_owned(),
-            r#"{"cross-origin-embedder-policy": "require-corp", "bad header": "x"}"#.to_owned(),
+            r#"{"cross-origin-embedder-policy": "require-corp", "bad header": "x", "content-length": "0"}"#.to_owned(),
         )]));
         let h = custom_headers(&s);
         assert_eq!(h.len(), 1);
         assert_eq!(h[0].0, "cross-origin-embedder-policy");
+    }
+
+    #[test]
+    fn base_path_from_annotation_wins_over_the_spec_when_valid() {
+        let mut s = (*space("a", "b", json!({"image": "i", "basePath": "/spec"}), None)).clone();
+        let annotate = |s: &mut Space, path: &str| {
+            s.metadata.annotations = Some(BTreeMap::from([(BASE_PATH_ANNOTATION.to_owned(), path.to_owned())]));
+        };
+        annotate(&mut s, "/front-matter");
+        let t = build_table("d", &[Arc::new(s.clone())], &[], None);
+        assert_eq!(t.get(&SpaceKey::new("a", "b")).map(|r| r.base_path.clone()).as_deref(), Some("/front-matter"));
+        annotate(&mut s, "//evil.example");
+        let t = build_table("d", &[Arc::new(s)], &[], None);
+        assert_eq!(t.get(&SpaceKey::new("a", "b")).map(|r| r.base_path.clone()).as_deref(), Some("/spec"));
     }
 }

@@ -1,6 +1,7 @@
 //! The route table: which Space a request is for, and what path the app sees.
 //! Pure: built from snapshots the [`RouteSource`](super::RouteSource) publishes.
 
+use std::collections::hash_map::Entry;
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::net::SocketAddr;
@@ -11,6 +12,7 @@ use http::{HeaderName, HeaderValue};
 
 use crate::space::access_token::ExpectedToken;
 use crate::space::app_config::DEFAULT_STARTUP_TIMEOUT;
+use crate::space::host_claim::Claim;
 use crate::space::{Stage, naming};
 
 /// A Space's identity: its owner (namespace) and name.
@@ -65,6 +67,10 @@ pub struct SpaceRoute {
     /// Frozen (the light sleep tier): its pods are kept but their processes
     /// are frozen; a request thaws them through their node agents first.
     pub frozen: Option<Frozen>,
+    /// Decides a host two Spaces' names share ([`host_claim`]): lower is
+    /// older. The Space's creation time (Unix seconds) in a cluster, the
+    /// order routes were given in locally; `None`: after the known ones.
+    pub since: Option<i64>,
 }
 
 /// A frozen Space's pods, addressed even while their readiness probe fails.
@@ -99,7 +105,12 @@ impl SpaceRoute {
             startup_timeout: DEFAULT_STARTUP_TIMEOUT,
             endpoints: Vec::new(),
             frozen: None,
+            since: None,
         }
+    }
+
+    fn claim(&self) -> Claim<'_> {
+        Claim::new(&self.key.namespace, &self.key.name, self.since)
     }
 
     /// Whether requests can be forwarded now.
@@ -191,18 +202,34 @@ pub struct RouteTable {
 
 impl RouteTable {
     /// Builds a table for Spaces served under `domain` (`{owner}-{name}.{domain}`).
-    /// Two Spaces whose host names collide (`a-b/c` and `a/b-c`): the first by
-    /// key keeps the host, the other is reachable by path only.
+    /// Two Spaces whose host names collide (`a-b/c` and `a/b-c`): the older
+    /// keeps the host ([`host_claim`]), the other is reachable by path only.
     pub fn new(domain: &str, routes: impl IntoIterator<Item = SpaceRoute>) -> Self {
         let domain = normalize_host(domain).to_ascii_lowercase();
         let by_key: BTreeMap<SpaceKey, Arc<SpaceRoute>> =
             routes.into_iter().map(|r| (r.key.clone(), Arc::new(r))).collect();
-        let mut by_host = HashMap::with_capacity(by_key.len());
+        let mut by_host: HashMap<String, Arc<SpaceRoute>> = HashMap::with_capacity(by_key.len());
         for (key, route) in &by_key {
             let host = naming::host(&key.namespace, &key.name, &domain).to_ascii_lowercase();
-            by_host.entry(host).or_insert_with(|| Arc::clone(route));
+            match by_host.entry(host) {
+                Entry::Vacant(e) => {
+                    e.insert(Arc::clone(route));
+                }
+                Entry::Occupied(mut e) => {
+                    if route.claim().outranks(&e.get().claim()) {
+                        e.insert(Arc::clone(route));
+                    }
+                }
+            }
         }
         Self { domain, by_host, by_key }
+    }
+
+    /// The Space that holds `key`'s host name when that is another one (the
+    /// two names collide and it is older): `key` is served by path only.
+    pub fn host_holder(&self, key: &SpaceKey) -> Option<&SpaceKey> {
+        let host = naming::host(&key.namespace, &key.name, &self.domain).to_ascii_lowercase();
+        self.by_host.get(&host).map(|r| &r.key).filter(|holder| *holder != key)
     }
 
     pub fn domain(&self) -> &str {
@@ -397,14 +424,29 @@ mod tests {
         assert_eq!((m.upstream_path.as_str(), m.redirect), ("/docs/x", None));
     }
 
+    fn aged(namespace: &str, name: &str, since: i64) -> SpaceRoute {
+        let mut r = SpaceRoute::new(SpaceKey::new(namespace, name));
+        r.since = Some(since);
+        r
+    }
+
     #[test]
-    fn host_collision_is_deterministic() {
-        let t = RouteTable::new(
-            "d",
-            [SpaceRoute::new(SpaceKey::new("a", "b-c")), SpaceRoute::new(SpaceKey::new("a-b", "c"))],
-        );
+    fn the_older_space_keeps_a_shared_host_in_both_orders() {
+        let (acme, acme_corp) = (SpaceKey::new("acme", "corp-app"), SpaceKey::new("acme-corp", "app"));
+        for (older, newer) in [(&acme, &acme_corp), (&acme_corp, &acme)] {
+            let routes = [aged(&newer.namespace, &newer.name, 200), aged(&older.namespace, &older.name, 100)];
+            let t = RouteTable::new("d", routes);
+            assert_eq!(&space(t.resolve(Some("acme-corp-app.d"), "/")).route.key, older);
+            assert_eq!((t.host_holder(newer), t.host_holder(older)), (Some(older), None));
+            // The other keeps its path route.
+            let path = format!("/spaces/{}/{}/", newer.namespace, newer.name);
+            assert_eq!(&space(t.resolve(None, &path)).route.key, newer);
+        }
+        // Same age or none known: by key, the same way everywhere.
+        let t = RouteTable::new("d", [aged("a-b", "c", 7), aged("a", "b-c", 7)]);
         assert_eq!(space(t.resolve(Some("a-b-c.d"), "/")).route.key, SpaceKey::new("a", "b-c"));
-        assert_eq!(space(t.resolve(None, "/spaces/a-b/c/")).route.key, SpaceKey::new("a-b", "c"));
+        let t = RouteTable::new("d", [SpaceRoute::new(SpaceKey::new("a", "b-c")), aged("a-b", "c", 7)]);
+        assert_eq!(space(t.resolve(Some("a-b-c.d"), "/")).route.key, SpaceKey::new("a-b", "c"));
     }
 
     fn pod_addr() -> SocketAddr {
@@ -447,6 +489,57 @@ mod tests {
         let t3 = t2.without(&SpaceKey::new("alice", "whisper"));
         assert_eq!(t3.len(), 2);
         assert!(matches!(t3.resolve(Some("alice-whisper.spaces.example.com"), "/"), Resolution::UnknownSpace));
+    }
+
+    use proptest::prelude::*;
+
+    /// Owners and names as they come: DNS labels with dashes, so hosts collide.
+    fn label() -> impl Strategy<Value = String> {
+        "[a-c]{1,2}(-[a-c]{1,2}){0,2}"
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(1000))]
+
+        /// Crafted hosts and paths never panic the router, and never reach a
+        /// Space by an address that is not its own: by host only its host
+        /// (the older of colliding ones), by path only `/spaces/{owner}/{name}`.
+        #[test]
+        fn routing_never_answers_for_another_space(
+            keys in proptest::collection::vec((label(), label(), proptest::option::of(0i64..4)), 0..8),
+            host in proptest::option::of(proptest::prop_oneof![
+                "[a-c-]{1,9}\\.d\\.?(:[0-9]{1,5})?",
+                "[ -~]{0,20}",
+                "[A-C-]{1,9}\\.D",
+            ]),
+            path in proptest::prop_oneof![
+                "/spaces/[a-c-]{0,6}/[a-c-]{0,6}(/[ -~]{0,10})?",
+                "/spaces/[a-c./%-]{0,12}(/[a-c./%-]{0,12}){0,3}",
+                "[ -~]{0,30}",
+            ],
+        ) {
+            let routes = keys.iter().map(|(ns, name, since)| {
+                let mut r = SpaceRoute::new(SpaceKey::new(ns.as_str(), name.as_str()));
+                r.since = *since;
+                r
+            });
+            let t = RouteTable::new("d", routes);
+            let Resolution::Space(m) = t.resolve(host.as_deref(), &path) else { return Ok(()) };
+            let key = &m.route.key;
+            if m.prefix.is_empty() {
+                let asked = normalize_host(host.as_deref().unwrap_or_default()).to_ascii_lowercase();
+                prop_assert_eq!(naming::host(&key.namespace, &key.name, "d").to_ascii_lowercase(), asked.clone());
+                let mine = Claim::new(&key.namespace, &key.name, m.route.since);
+                for other in t.routes().filter(|r| r.key != *key) {
+                    let theirs = Claim::new(&other.key.namespace, &other.key.name, other.since);
+                    prop_assert!(!(theirs.same_host(&mine) && theirs.outranks(&mine)), "{} took {}", key, asked);
+                }
+            } else {
+                prop_assert_eq!(&m.prefix, &naming::path_prefix(&key.namespace, &key.name));
+                let p = path.split('?').next().unwrap_or_default();
+                prop_assert!(p == m.prefix || p.starts_with(&format!("{}/", m.prefix)), "{} for {}", key, path);
+            }
+        }
     }
 
     #[test]

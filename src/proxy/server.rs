@@ -2,7 +2,6 @@
 //! request (route, auth, wake/hold, forward), and drains on shutdown.
 
 use std::collections::HashMap;
-use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::num::NonZeroUsize;
@@ -14,9 +13,7 @@ use http::header::{CACHE_CONTROL, CONTENT_TYPE, HOST, LOCATION, RETRY_AFTER, WWW
 use http::{HeaderValue, Method, Request, Response, StatusCode};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
-use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
+use hyper_util::rt::TokioIo;
 use tokio::net::{TcpListener, TcpSocket};
 use tokio::runtime::Handle;
 use tokio::sync::{oneshot, watch};
@@ -33,22 +30,27 @@ use super::rewind::Rewind;
 use super::route::{Access, Disposition, Match, Resolution, RouteTable, SpaceKey, SpaceRoute};
 use super::source::RouteSource;
 use super::wake::{self, WaitOutcome, Wakes};
-use crate::space::{Stage, naming};
+use crate::http_server;
+use crate::space::{Stage, custom_headers, naming};
 
 /// How the proxy listens and behaves.
 #[derive(Clone, Debug)]
 pub struct ProxyConfig {
     /// Where Spaces are served.
     pub listen: SocketAddr,
-    /// `/metrics` and `/healthz` (also answered on `listen` for hosts that are not Spaces).
+    /// `/metrics` and `/healthz` (`listen` answers only `/healthz` for hosts
+    /// that are not Spaces: metrics name every Space, they are not public).
     pub admin_listen: Option<SocketAddr>,
     pub connect_timeout: Duration,
     /// Bounds the wait for an upstream's response head; never a body or tunnel.
     pub header_timeout: Duration,
     /// Requests held per starting Space; more get 503 + `Retry-After`.
     pub max_held_per_space: usize,
-    /// Keep and extend incoming `X-Forwarded-*` (behind a trusted load balancer).
-    pub trust_forwarded_headers: bool,
+    /// Peers whose `X-Forwarded-*`, `Forwarded` and `X-Real-IP` are kept and
+    /// extended (trusted load balancers); from anyone else they are replaced.
+    pub trusted_proxies: Vec<ipnet::IpNet>,
+    /// Client connections' header and idle timeouts (both listeners).
+    pub limits: crate::http_server::Limits,
     /// On shutdown: how long open requests and tunnels may take to finish.
     pub drain_timeout: Duration,
     /// Activity records per Space at most this often.
@@ -66,16 +68,14 @@ impl Default for ProxyConfig {
             connect_timeout: Duration::from_secs(5),
             header_timeout: Duration::from_secs(300),
             max_held_per_space: 1000,
-            trust_forwarded_headers: false,
+            trusted_proxies: Vec::new(),
+            limits: crate::http_server::Limits::default(),
             drain_timeout: Duration::from_secs(30),
             activity_interval: naming::LEASE_RENEW_INTERVAL,
             workers: 0,
         }
     }
 }
-
-/// Idle client keep-alive connections and slow request heads are closed after this.
-pub(super) const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// What the workers share.
 pub(super) struct Inner {
@@ -269,10 +269,10 @@ async fn supervise(
 /// finish (or for the hard stop).
 async fn serve_listener(worker: Worker, listener: TcpListener, is_admin: bool, shutdown: CancellationToken) {
     let worker = Arc::new(worker);
-    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder.http1().timer(TokioTimer::new()).header_read_timeout(HEADER_READ_TIMEOUT);
-    let builder = Arc::new(builder);
+    let limits = worker.inner.config.limits;
+    let builder = Arc::new(http_server::builder(&limits));
+    // Every connection, fast path included: the drain waits for them.
+    let connections = TaskTracker::new();
     // This worker's own: its connections wait on it between requests without touching the others'.
     let between_requests = shutdown.child_token();
     loop {
@@ -289,42 +289,32 @@ async fn serve_listener(worker: Worker, listener: TcpListener, is_admin: bool, s
         }
         let worker = Arc::clone(&worker);
         let builder = Arc::clone(&builder);
-        // Held by the task until the connection ends, fast path included: the drain waits for it.
-        let watcher = graceful.watcher();
         let between_requests = between_requests.clone();
-        tokio::spawn(async move {
+        connections.spawn(async move {
             // Computed once per connection, not per request.
-            let client_ip = forward::client_ip(peer);
+            let client = forward::Client::new(peer, &worker.inner.config.trusted_proxies);
             // Plain HTTP/1.1 to running public Spaces first; hyper gets the rest,
             // the bytes the fast path read replayed.
             let (stream, replay) = if is_admin {
                 (stream, Vec::new())
             } else {
-                match h1_forward::serve(&worker, stream, &client_ip, &between_requests).await {
+                match h1_forward::serve(&worker, stream, &client, &between_requests).await {
                     Served::Closed => return,
                     Served::HandOff(stream, replay) => (stream, replay),
                 }
             };
-            let service = service_fn(move |req| {
-                let worker = Arc::clone(&worker);
-                let client_ip = client_ip.clone();
-                async move {
-                    Ok::<_, Infallible>(if is_admin {
-                        admin_request(&worker.inner, &req)
-                    } else {
-                        worker.handle(req, &client_ip).await
-                    })
-                }
-            });
-            let conn = builder.serve_connection_with_upgrades(TokioIo::new(Rewind::new(stream, replay)), service);
-            if let Err(e) = watcher.watch(conn).await {
-                tracing::debug!(%peer, error = %e, "connection ended with an error");
-            }
+            let handler = move |req| {
+                let (worker, client) = (Arc::clone(&worker), client.clone());
+                async move { if is_admin { admin_request(&worker.inner, &req) } else { worker.handle(req, &client).await } }
+            };
+            let io = TokioIo::new(Rewind::new(stream, replay));
+            http_server::serve_connection(&builder, io, limits, &between_requests, handler).await;
         });
     }
     drop(listener);
+    connections.close();
     tokio::select! {
-        () = graceful.shutdown() => {}
+        () = connections.wait() => {}
         () = worker.inner.hard_stop.cancelled() => {}
     }
 }
@@ -360,6 +350,15 @@ fn admin_request(inner: &Inner, req: &Request<Incoming>) -> Response<ProxyBody> 
             r
         }
         _ => text(StatusCode::NOT_FOUND, "not found\n"),
+    }
+}
+
+/// The public listener's own answers: health only (`/metrics` names every
+/// Space and their traffic: the admin listener's alone).
+fn public_request(req: &Request<Incoming>) -> Response<ProxyBody> {
+    match req.uri().path() {
+        "/healthz" => text(StatusCode::OK, "ok\n"),
+        _ => text(StatusCode::NOT_FOUND, "404 Not Found\n"),
     }
 }
 
@@ -412,21 +411,21 @@ impl Worker {
         h
     }
 
-    async fn handle(&self, req: Request<Incoming>, client_ip: &HeaderValue) -> Response<ProxyBody> {
+    async fn handle(&self, req: Request<Incoming>, client: &forward::Client) -> Response<ProxyBody> {
         let start = Instant::now();
         let table = self.table();
         let host =
             req.headers().get(HOST).and_then(|h| h.to_str().ok()).or_else(|| req.uri().authority().map(|a| a.as_str()));
         let path_and_query = req.uri().path_and_query().map_or("/", |pq| pq.as_str());
         match table.resolve(host, path_and_query) {
-            Resolution::NotASpace => admin_request(&self.inner, &req),
+            Resolution::NotASpace => public_request(&req),
             Resolution::UnknownSpace => {
                 self.inner.metrics.unmatched();
                 text(StatusCode::NOT_FOUND, "404 Not Found: no such Space\n")
             }
             Resolution::Space(m) => {
                 let space = self.space(&m.route.key);
-                let response = self.space_request(req, m, &space, client_ip).await;
+                let response = self.space_request(req, m, &space, client).await;
                 space.metrics.request(response.status().as_u16(), start.elapsed().as_secs_f64());
                 response
             }
@@ -438,7 +437,7 @@ impl Worker {
         req: Request<Incoming>,
         m: Match,
         space: &SpaceHandles,
-        client_ip: &HeaderValue,
+        client: &forward::Client,
     ) -> Response<ProxyBody> {
         let route = Arc::clone(&m.route);
         let key = &route.key;
@@ -538,7 +537,7 @@ impl Worker {
                 }
             }
         };
-        self.forward(req, &m, route, space, client_ip).await
+        self.forward(req, &m, route, space, client).await
     }
 }
 
@@ -569,7 +568,7 @@ impl Worker {
         m: &Match,
         route: Arc<SpaceRoute>,
         space: &SpaceHandles,
-        client_ip: &HeaderValue,
+        client: &forward::Client,
     ) -> Response<ProxyBody> {
         let inner = &self.inner;
         let key = &route.key;
@@ -581,17 +580,19 @@ impl Worker {
         let out = Outgoing {
             upstream,
             path_and_query: &m.upstream_path,
-            client_ip,
+            client,
             prefix: &m.prefix,
             strip_authorization: matches!(route.access, Access::Private { .. }),
-            trust_forwarded: inner.config.trust_forwarded_headers,
         };
         let guard = inner.activity.open_entry(Arc::clone(&space.activity));
         match self.forwarder.forward(req, out).await {
             Ok(Forwarded::Response(response)) => {
                 let (mut parts, body) = response.into_parts();
                 for (name, value) in &route.custom_headers {
-                    parts.headers.insert(name.clone(), value.clone());
+                    // Never framing or hop-by-hop, whatever reached the route.
+                    if custom_headers::is_allowed_name(name.as_str()) {
+                        parts.headers.insert(name.clone(), value.clone());
+                    }
                 }
                 // The guard lives as long as the body streams: an open SSE stream is activity.
                 let body = stream_body(body)

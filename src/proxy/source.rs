@@ -93,9 +93,19 @@ impl MemorySource {
         Arc::clone(&self.tx.borrow())
     }
 
-    /// Adds or replaces a route.
-    pub fn upsert(&self, route: SpaceRoute) {
-        self.tx.send_modify(|t| *t = Arc::new(t.with(route)));
+    /// Adds or replaces a route. A route without [`SpaceRoute::since`] keeps
+    /// the one it replaces, or is the newest: the order routes are first
+    /// given in is their age, which decides a host two Spaces share.
+    pub fn upsert(&self, mut route: SpaceRoute) {
+        self.tx.send_modify(|t| {
+            if route.since.is_none() {
+                route.since = Some(match t.get(&route.key) {
+                    Some(old) => old.since.unwrap_or(0),
+                    None => t.routes().filter_map(|r| r.since).max().map_or(0, |n| n.saturating_add(1)),
+                });
+            }
+            *t = Arc::new(t.with(route));
+        });
     }
 
     /// Changes a route in place; `false` if there is no such Space.

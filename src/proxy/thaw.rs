@@ -141,7 +141,12 @@ impl NodeAgents {
             .map_err(|e| fail(e.to_string()))?;
         let status = response.status();
         tracing::debug!(agent = base, %status, "thaw answered");
-        let text = response.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+        // Only what an error message needs, however much the other end sends, and not for ever.
+        let body = http_body_util::Limited::new(response.into_body(), 16 * 1024).collect();
+        let text = match tokio::time::timeout(THAW_TIMEOUT, body).await {
+            Ok(Ok(body)) => body.to_bytes(),
+            _ => Bytes::new(),
+        };
         match status {
             StatusCode::OK => Ok(()),
             // The agent does not know the pod: gone, or not on that node any more.

@@ -4,6 +4,7 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
+use super::custom_headers;
 use super::duration;
 use super::front_matter::FrontMatter;
 use super::hardware::{self, Flavor};
@@ -86,9 +87,9 @@ pub fn resolve(spec: &SpaceSpec, front_matter: Option<&FrontMatter>) -> Result<A
         (None, None) => DEFAULT_STARTUP_TIMEOUT,
     };
     let base_path = spec.base_path.clone().or(fm.base_path).unwrap_or_else(|| "/".to_owned());
-    if !base_path.starts_with('/') {
-        return Err(ConfigError::new("base_path", format!("{base_path:?} must start with '/'")));
-    }
+    check_base_path(&base_path).map_err(|e| ConfigError::new("base_path", format!("{base_path:?} {e}")))?;
+    let custom_headers =
+        custom_headers::validate(&fm.custom_headers).map_err(|e| ConfigError::new("README.md custom_headers", e))?;
     let app_file = spec.app_file.clone().or(fm.app_file).or_else(|| match sdk {
         Sdk::Gradio | Sdk::Streamlit => Some("app.py".to_owned()),
         Sdk::Static => Some("index.html".to_owned()),
@@ -115,9 +116,24 @@ pub fn resolve(spec: &SpaceSpec, front_matter: Option<&FrontMatter>) -> Result<A
         freeze_after: runtime.freeze_after,
         startup_timeout,
         title: fm.title,
-        custom_headers: fm.custom_headers,
+        custom_headers,
         preload_from_hub: fm.preload_from_hub,
     })
+}
+
+/// A base path is where the proxy redirects a Space's root: a path of this
+/// site only (`//host` or `/\\host` would send visitors elsewhere).
+pub fn check_base_path(path: &str) -> Result<(), &'static str> {
+    if !path.starts_with('/') {
+        return Err("must start with '/'");
+    }
+    if path.starts_with("//") || path.contains('\\') {
+        return Err("must be a path on the Space's own site, not start with '//' or contain '\\'");
+    }
+    if !path.bytes().all(|b| b.is_ascii_graphic() && !matches!(b, b'?' | b'#' | b'"' | b'<' | b'>' | b'`')) {
+        return Err("must be a plain URL path (printable ASCII, no spaces, '?' or '#')");
+    }
+    Ok(())
 }
 
 /// The spec fields that do not change the image: hardware, sleep and startup times.
@@ -260,7 +276,18 @@ mod tests {
         );
         assert_eq!(err(SpaceSpec { app_port: Some(70000), ..git_spec() }, gradio.clone()), "spec.appPort");
         assert_eq!(err(SpaceSpec { app_file: Some("../etc/passwd".into()), ..git_spec() }, gradio.clone()), "app_file");
-        assert_eq!(err(SpaceSpec { base_path: Some("docs".into()), ..git_spec() }, gradio), "base_path");
+        assert_eq!(err(SpaceSpec { base_path: Some("docs".into()), ..git_spec() }, gradio.clone()), "base_path");
+        for open_redirect in ["//evil.example", "/\\evil.example", "/a b", "/a?b"] {
+            let spec = SpaceSpec { base_path: Some(open_redirect.into()), ..git_spec() };
+            assert_eq!(err(spec, gradio.clone()), "base_path", "{open_redirect}");
+        }
+        let framing = FrontMatter {
+            custom_headers: [("content-length".to_owned(), "0".to_owned())].into(),
+            ..gradio.clone().unwrap_or_default()
+        };
+        let e = resolve(&git_spec(), Some(&framing)).expect_err("refused");
+        assert_eq!(e.field, "README.md custom_headers");
+        assert!(e.message.contains("\"content-length\" is not allowed"), "{e}");
         let msg = resolve(&SpaceSpec { sdk: Some(Sdk::Gradio), hardware: "h100".into(), ..git_spec() }, None)
             .expect_err("invalid");
         assert!(msg.to_string().starts_with("spec.hardware: unknown hardware flavor \"h100\""), "{msg}");

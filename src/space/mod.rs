@@ -3,9 +3,11 @@
 
 pub mod access_token;
 pub mod app_config;
+pub mod custom_headers;
 pub mod duration;
 pub mod front_matter;
 pub mod hardware;
+pub mod host_claim;
 pub mod naming;
 pub mod resource;
 pub mod sleep_tier;

@@ -17,6 +17,9 @@ pub const HEAD_SHA_ANNOTATION: &str = "hangar.dev/head-sha";
 /// Annotation on a Space with its front matter's `custom_headers` as a JSON
 /// object, written by the operator: the proxy never reads repositories.
 pub const CUSTOM_HEADERS_ANNOTATION: &str = "hangar.dev/custom-headers";
+/// Annotation on a Space with its effective `base_path` (spec, else front
+/// matter) when it is not `/`, written by the operator for the same reason.
+pub const BASE_PATH_ANNOTATION: &str = "hangar.dev/base-path";
 /// Key of the bearer token in a private Space's token Secret.
 pub const TOKEN_KEY: &str = "token";
 /// Holder identity the proxy writes into activity Leases.

@@ -8,7 +8,9 @@
 //! to the new commit (the operator rebuilds when it differs from the last
 //! build) and answers 202; anything else is acknowledged with 200 and the
 //! reason it was ignored. Redelivery is idempotent: the same sha again
-//! changes nothing and says so.
+//! changes nothing and says so. A push whose `oldSha` is not the Space's
+//! current head (an older delivery arriving late) is refused with 409 and
+//! changes nothing: a Space never moves back ([`payload::head_move`]).
 
 pub mod payload;
 
@@ -27,7 +29,7 @@ use subtle::ConstantTimeEq;
 
 use crate::space::Space;
 use crate::space::naming::HEAD_SHA_ANNOTATION;
-pub use payload::{Decision, Payload, PayloadError};
+pub use payload::{Decision, HeadMove, Payload, PayloadError};
 
 /// Hub payloads are a few KiB; anything far larger is not one.
 pub const MAX_BODY_BYTES: usize = 256 * 1024;
@@ -41,17 +43,22 @@ pub enum HeadUpdate {
     Updated,
     /// It already did (a redelivery).
     Unchanged,
+    /// The delivery's push did not start from the Space's head (an older
+    /// delivery arriving late): not applied ([`payload::head_move`]).
+    OutOfOrder { current: String },
     /// No such Space.
     NotFound,
 }
 
 /// Where Spaces live: Kubernetes in production, a map in tests.
 pub trait SpaceDirectory: Send + Sync + 'static {
-    /// Sets Space `namespace/name`'s head sha annotation to `sha`.
+    /// Sets Space `namespace/name`'s head sha annotation to `sha` when the
+    /// push (from `old_sha`) applies to its current head ([`payload::head_move`]).
     fn set_head_sha(
         &self,
         namespace: &str,
         name: &str,
+        old_sha: Option<&str>,
         sha: &str,
     ) -> impl std::future::Future<Output = Result<HeadUpdate, String>> + Send;
 }
@@ -72,7 +79,13 @@ impl KubeSpaces {
 pub const FIELD_MANAGER: &str = "hangar-webhook";
 
 impl SpaceDirectory for KubeSpaces {
-    async fn set_head_sha(&self, namespace: &str, name: &str, sha: &str) -> Result<HeadUpdate, String> {
+    async fn set_head_sha(
+        &self,
+        namespace: &str,
+        name: &str,
+        old_sha: Option<&str>,
+        sha: &str,
+    ) -> Result<HeadUpdate, String> {
         use kube::api::{Api, Patch, PatchParams};
         let api: Api<Space> = Api::namespaced(self.client.clone(), namespace);
         let space = match api.get_opt(name).await {
@@ -81,14 +94,26 @@ impl SpaceDirectory for KubeSpaces {
             Err(e) => return Err(format!("reading Space {namespace}/{name}: {e}")),
         };
         let current = space.metadata.annotations.as_ref().and_then(|a| a.get(HEAD_SHA_ANNOTATION));
-        if current.map(String::as_str) == Some(sha) {
-            return Ok(HeadUpdate::Unchanged);
+        match payload::head_move(current.map(String::as_str), old_sha, sha) {
+            HeadMove::Apply => {}
+            HeadMove::AlreadyThere => return Ok(HeadUpdate::Unchanged),
+            HeadMove::OutOfOrder => {
+                return Ok(HeadUpdate::OutOfOrder { current: current.cloned().unwrap_or_default() });
+            }
         }
-        // A merge patch of one annotation: never touches the owner's spec.
-        let patch = json!({"metadata": {"annotations": {HEAD_SHA_ANNOTATION: sha}}});
+        // A merge patch of one annotation: never touches the owner's spec. The
+        // resourceVersion makes it apply only to the head judged above (two
+        // deliveries at once: the second gets a conflict, and the hub retries).
+        let patch = json!({"metadata": {
+            "annotations": {HEAD_SHA_ANNOTATION: sha},
+            "resourceVersion": space.metadata.resource_version,
+        }});
         match api.patch(name, &PatchParams::apply(FIELD_MANAGER), &Patch::Merge(&patch)).await {
             Ok(_) => Ok(HeadUpdate::Updated),
             Err(kube::Error::Api(e)) if e.code == 404 => Ok(HeadUpdate::NotFound),
+            Err(kube::Error::Api(e)) if e.code == 409 => {
+                Err(format!("Space {namespace}/{name} changed while this delivery was applied; retry"))
+            }
             Err(e) => Err(format!("patching Space {namespace}/{name}: {e}")),
         }
     }
@@ -139,28 +164,40 @@ async fn receive<D: SpaceDirectory>(
             tracing::info!(repo = %payload.repo.name, %reason, "webhook ignored");
             answer(StatusCode::OK, json!({"status": "ignored", "reason": reason}))
         }
-        Decision::Rebuild { namespace, name, sha } => match state.spaces.set_head_sha(&namespace, &name, &sha).await {
-            Ok(HeadUpdate::Updated) => {
-                tracing::info!(space = %format!("{namespace}/{name}"), %sha, "webhook: new head sha");
-                answer(
-                    StatusCode::ACCEPTED,
-                    json!({"status": "accepted", "space": format!("{namespace}/{name}"), "sha": sha}),
-                )
+        Decision::Rebuild { namespace, name, old_sha, sha } => {
+            match state.spaces.set_head_sha(&namespace, &name, old_sha.as_deref(), &sha).await {
+                Ok(HeadUpdate::Updated) => {
+                    tracing::info!(space = %format!("{namespace}/{name}"), %sha, "webhook: new head sha");
+                    answer(
+                        StatusCode::ACCEPTED,
+                        json!({"status": "accepted", "space": format!("{namespace}/{name}"), "sha": sha}),
+                    )
+                }
+                Ok(HeadUpdate::Unchanged) => answer(
+                    StatusCode::OK,
+                    json!({"status": "ignored", "reason": format!("Space {namespace}/{name} is already at {sha}"), "sha": sha}),
+                ),
+                Ok(HeadUpdate::OutOfOrder { current }) => {
+                    let from = old_sha.as_deref().unwrap_or("?");
+                    tracing::info!(space = %format!("{namespace}/{name}"), %current, %from, %sha, "webhook: out-of-order delivery");
+                    answer(
+                        StatusCode::CONFLICT,
+                        json!({"status": "conflict", "space": format!("{namespace}/{name}"), "current": current, "sha": sha,
+                           "reason": format!("Space {namespace}/{name} is at {current}, but this push moves {from} -> {sha}: \
+                                              an older or out-of-order delivery is never applied (a Space does not move back)")}),
+                    )
+                }
+                Ok(HeadUpdate::NotFound) => answer(
+                    StatusCode::OK,
+                    json!({"status": "ignored", "reason": format!("no Space {namespace}/{name} in hangar")}),
+                ),
+                Err(e) => {
+                    tracing::error!(error = %e, "webhook: cannot update the Space");
+                    // 503: the hub retries a failed delivery.
+                    answer(StatusCode::SERVICE_UNAVAILABLE, json!({"error": e}))
+                }
             }
-            Ok(HeadUpdate::Unchanged) => answer(
-                StatusCode::OK,
-                json!({"status": "ignored", "reason": format!("Space {namespace}/{name} is already at {sha}"), "sha": sha}),
-            ),
-            Ok(HeadUpdate::NotFound) => answer(
-                StatusCode::OK,
-                json!({"status": "ignored", "reason": format!("no Space {namespace}/{name} in hangar")}),
-            ),
-            Err(e) => {
-                tracing::error!(error = %e, "webhook: cannot update the Space");
-                // 503: the hub retries a failed delivery.
-                answer(StatusCode::SERVICE_UNAVAILABLE, json!({"error": e}))
-            }
-        },
+        }
     }
 }
 
@@ -174,6 +211,8 @@ pub struct WebhookArgs {
     /// (trailing newline ignored); or set HANGAR_WEBHOOK_SECRET.
     #[arg(long, env = "HANGAR_WEBHOOK_SECRET_FILE")]
     pub secret_file: Option<std::path::PathBuf>,
+    #[command(flatten)]
+    pub limits: crate::http_server::Limits,
 }
 
 /// Runs the receiver until the process is stopped.
@@ -198,6 +237,6 @@ pub async fn serve(args: WebhookArgs) -> crate::Result<()> {
     let listener = tokio::net::TcpListener::bind(args.listen).await?;
     tracing::info!(addr = %listener.local_addr()?, "hub webhook receiver listening");
     // SIGTERM (a pod stopping) drains in-flight deliveries instead of waiting out the grace period.
-    axum::serve(listener, app).with_graceful_shutdown(crate::shutdown::signal()).await?;
+    crate::http_server::serve(listener, app, args.limits, crate::shutdown::signal()).await?;
     Ok(())
 }

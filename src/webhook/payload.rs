@@ -56,8 +56,9 @@ pub const TRACKED_REF: &str = "refs/heads/main";
 /// What a delivery asks of hangar.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Decision {
-    /// Move Space `namespace/name` to `sha`.
-    Rebuild { namespace: String, name: String, sha: String },
+    /// Move Space `namespace/name` to `sha`, from `old_sha` (the push's
+    /// previous head, lowercase; `None` when the payload has none).
+    Rebuild { namespace: String, name: String, old_sha: Option<String>, sha: String },
     /// Nothing to do, and why.
     Ignore(String),
 }
@@ -105,11 +106,43 @@ pub fn decide(p: &Payload) -> Decision {
         return Decision::Ignore(format!("no update of {TRACKED_REF} (updated: {})", refs.join(", ")));
     };
     match main.new_sha.as_deref() {
-        Some(sha) if is_sha(sha) && !sha.bytes().all(|b| b == b'0') => {
-            Decision::Rebuild { namespace: namespace.to_owned(), name: name.to_owned(), sha: sha.to_ascii_lowercase() }
-        }
+        Some(sha) if is_sha(sha) && !sha.bytes().all(|b| b == b'0') => Decision::Rebuild {
+            namespace: namespace.to_owned(),
+            name: name.to_owned(),
+            old_sha: main.old_sha.as_deref().filter(|s| is_sha(s)).map(str::to_ascii_lowercase),
+            sha: sha.to_ascii_lowercase(),
+        },
         Some(sha) if is_sha(sha) => Decision::Ignore(format!("{TRACKED_REF} was deleted")),
         other => Decision::Ignore(format!("{TRACKED_REF} has no valid newSha ({other:?})")),
+    }
+}
+
+/// Whether a push's delivery applies to a Space, given its current head.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HeadMove {
+    Apply,
+    /// The Space is at `new` already (a redelivery).
+    AlreadyThere,
+    /// The push started from another commit than the Space's head: an older
+    /// delivery arriving late (or one ahead of a missing one). Never applied,
+    /// so a Space never moves back.
+    OutOfOrder,
+}
+
+/// The ordering rule: a delivery moving the branch `old -> new` applies only
+/// to a Space whose head is `old`, or that has no head yet. Deliveries form a
+/// chain (each push's `oldSha` is the previous push's `newSha`), so the Space
+/// follows the chain forward and a late one (its `old` is behind) is refused.
+/// A push without `oldSha`, or with the zero sha (the branch was created,
+/// e.g. again after a deletion), has no predecessor to check and applies.
+pub fn head_move(current: Option<&str>, old: Option<&str>, new: &str) -> HeadMove {
+    let same = |a: &str, b: &str| a.eq_ignore_ascii_case(b);
+    match (current, old) {
+        (Some(cur), _) if same(cur, new) => HeadMove::AlreadyThere,
+        (None, _) | (_, None) => HeadMove::Apply,
+        (_, Some(old)) if old.bytes().all(|b| b == b'0') => HeadMove::Apply,
+        (Some(cur), Some(old)) if same(cur, old) => HeadMove::Apply,
+        _ => HeadMove::OutOfOrder,
     }
 }
 
@@ -143,8 +176,26 @@ mod tests {
     fn main_content_update_rebuilds() {
         assert_eq!(
             decide_json(payload("repo.content", "update", "refs/heads/main", &SHA.to_uppercase())),
-            Decision::Rebuild { namespace: "alice".into(), name: "demo".into(), sha: SHA.into() }
+            Decision::Rebuild {
+                namespace: "alice".into(),
+                name: "demo".into(),
+                old_sha: Some("1".repeat(40)),
+                sha: SHA.into()
+            }
         );
+    }
+
+    #[test]
+    fn deliveries_only_move_a_space_forward() {
+        let (a, b, c) = ("a".repeat(40), "b".repeat(40), "c".repeat(40));
+        assert_eq!(head_move(None, Some(&a), &b), HeadMove::Apply, "no head yet");
+        assert_eq!(head_move(Some(&a), Some(&a), &b), HeadMove::Apply, "the next push");
+        assert_eq!(head_move(Some(&b), Some(&a), &b), HeadMove::AlreadyThere, "a redelivery");
+        assert_eq!(head_move(Some(&c), Some(&a), &b), HeadMove::OutOfOrder, "an older push arriving late");
+        assert_eq!(head_move(Some(&a), Some(&b), &c), HeadMove::OutOfOrder, "ahead of a missing one");
+        assert_eq!(head_move(Some(&c), Some(&"0".repeat(40)), &b), HeadMove::Apply, "the branch was created");
+        assert_eq!(head_move(Some(&c), None, &b), HeadMove::Apply, "nothing to order by");
+        assert_eq!(head_move(Some(&a.to_uppercase()), Some(&a), &b), HeadMove::Apply);
     }
 
     #[test]

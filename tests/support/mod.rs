@@ -316,9 +316,13 @@ pub struct TestNamespace {
 
 impl TestNamespace {
     pub async fn new(prefix: &str, components: &[&'static str]) -> Self {
+        Self::named(unique_name(prefix), components).await
+    }
+
+    /// A namespace of exactly this name (deleted at the end like the others).
+    pub async fn named(name: String, components: &[&'static str]) -> Self {
         let env = TestEnv::cluster();
         let client = client().await;
-        let name = unique_name(prefix);
         let mut ns = Namespace::default();
         ns.meta_mut().name = Some(name.clone());
         ns.meta_mut().labels = Some([("hangar.dev/test".to_string(), "true".to_string())].into());

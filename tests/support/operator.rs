@@ -23,6 +23,16 @@ impl Operator {
     /// Starts the operator on the test namespace with a hardware `mapping`
     /// and extra arguments (e.g. the builder's `--registry`).
     pub fn start(ns: &TestNamespace, mapping: &str, extra: &[&str]) -> Self {
+        Self::spawn(ns, mapping, &["--namespace", &ns.name], extra)
+    }
+
+    /// Starts the operator on every namespace, reconciling only the Spaces
+    /// `selector` selects (for Spaces of several test namespaces at once).
+    pub fn start_selecting(ns: &TestNamespace, selector: &str) -> Self {
+        Self::spawn(ns, "{}", &["--space-selector", selector], &[])
+    }
+
+    fn spawn(ns: &TestNamespace, mapping: &str, scope: &[&str], extra: &[&str]) -> Self {
         let dir = ns.env.state.join("operator-tests");
         std::fs::create_dir_all(&dir).expect("operator test dir");
         let mapping_file = dir.join(format!("{}-mapping.yaml", ns.name));
@@ -32,7 +42,9 @@ impl Operator {
         let err = out.try_clone().expect("operator log");
         let http = format!("127.0.0.1:{}", free_port());
         let child = Command::new(env!("CARGO_BIN_EXE_hangar"))
-            .args(["operator", "--namespace", &ns.name, "--domain", "hf.test", "--url-scheme", "http"])
+            .arg("operator")
+            .args(scope)
+            .args(["--domain", "hf.test", "--url-scheme", "http"])
             .arg("--hardware-mapping")
             .arg(&mapping_file)
             .args(["--http-addr", &http])
