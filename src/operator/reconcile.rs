@@ -25,7 +25,7 @@ use super::sleep;
 use super::status::{self, BuildView, Facts};
 use crate::space::app_config::runtime_spec;
 use crate::space::naming::{self, CUSTOM_HEADERS_ANNOTATION};
-use crate::space::{AppConfig, BuildStatus, ConfigError, Space, SpaceStatus, Stage, resolve};
+use crate::space::{AppConfig, BuildStatus, BuiltStatus, ConfigError, Space, SpaceStatus, Stage, resolve};
 use crate::{Error, Result};
 
 /// Field manager of everything the operator applies.
@@ -164,6 +164,8 @@ struct Runnable {
     image: Option<String>,
     build: BuildView,
     record: Option<BuildStatus>,
+    /// The build that `image` comes from (source Spaces), for `status.built`.
+    built: Option<BuiltStatus>,
 }
 
 fn config_error(e: ConfigError) -> (Stage, String) {
@@ -175,21 +177,22 @@ fn runnable(space: &Space, builds: &Arc<Builds>) -> Runnable {
     let spec = &space.spec;
     if let Some(image) = &spec.image {
         let config = Some(resolve(spec, None).map_err(config_error));
-        return Runnable { config, image: Some(image.clone()), build: BuildView::Idle, record: None };
+        return Runnable { config, image: Some(image.clone()), build: BuildView::Idle, record: None, built: None };
     }
     if spec.source.is_none() {
         // The CRD's CEL rule forbids this; say so if it happens anyway.
         let error = (Stage::ConfigError, "spec: set exactly one of source or image".to_owned());
-        return Runnable { config: Some(Err(error)), image: None, build: BuildView::Idle, record: None };
+        return Runnable { config: Some(Err(error)), image: None, build: BuildView::Idle, record: None, built: None };
     }
     let previous_record = space.status.as_ref().and_then(|s| s.build.clone());
     // While a build runs or after it failed, the last good build keeps serving.
     let serving = |build: BuildView, record: Option<BuildStatus>| match builds.last_success(space) {
-        Some(out) => Runnable {
-            config: Some(out.app_config.with_runtime_spec(spec).map_err(config_error)),
-            image: Some(out.image),
+        Some(built) => Runnable {
+            config: Some(AppConfig::from_built(&built.config, spec).map_err(config_error)),
+            image: Some(built.image.clone()),
             build,
             record,
+            built: Some(built),
         },
         // Nothing built yet: only the spec's own fields can be judged.
         None => {
@@ -197,7 +200,7 @@ fn runnable(space: &Space, builds: &Arc<Builds>) -> Runnable {
                 Err(e) => Some(Err(config_error(e))),
                 Ok(_) => None,
             };
-            Runnable { config, image: None, build, record }
+            Runnable { config, image: None, build, record, built: None }
         }
     };
     match builds.ensure(space) {
@@ -213,11 +216,12 @@ fn runnable(space: &Space, builds: &Arc<Builds>) -> Runnable {
         BuildState::Failed { failure, record } => {
             serving(BuildView::Failed { stage: failure.stage, message: failure.message }, Some(record))
         }
-        BuildState::Built { output, record } => Runnable {
-            config: Some(output.app_config.with_runtime_spec(spec).map_err(config_error)),
-            image: Some(output.image),
+        BuildState::Built { built, record } => Runnable {
+            config: Some(AppConfig::from_built(&built.config, spec).map_err(config_error)),
+            image: Some(built.image.clone()),
             build: BuildView::Idle,
             record: Some(record),
+            built: Some(*built),
         },
     }
 }
@@ -250,7 +254,7 @@ async fn reconcile_inner(space: &Space, ctx: &Context) -> Result<Action> {
 
     // Load (from the caches) and validate.
     let lease = ctx.caches.lease(&namespace, &naming::activity_lease_name(&name));
-    let Runnable { config, image, build, record } = runnable(space, &ctx.builds);
+    let Runnable { config, image, build, record, built } = runnable(space, &ctx.builds);
     let sleep_times = config.as_ref().and_then(|c| c.as_ref().ok()).map(|c| ctx.config.sleep_policy.for_config(c));
     // No Lease yet: the one made below records activity now.
     let last_activity = lease.as_deref().map_or(Some(now), sleep::last_activity);
@@ -282,7 +286,7 @@ async fn reconcile_inner(space: &Space, ctx: &Context) -> Result<Action> {
     // than after it: a new or changed Space shows where it stands at once.
     let pods = ctx.caches.pods(&namespace, &name);
     let url = format!("{}://{}/", ctx.config.url_scheme, naming::host(&namespace, &name, &ctx.config.domain));
-    let desired = status::derive(&Facts {
+    let derived = status::derive(&Facts {
         generation: space.meta().generation,
         config_error: config.as_ref().and_then(|c| c.as_ref().err()).cloned(),
         paused: space.spec.paused,
@@ -299,6 +303,7 @@ async fn reconcile_inner(space: &Space, ctx: &Context) -> Result<Action> {
         build_record: record,
         now,
     });
+    let desired = SpaceStatus { built, ..derived };
     let status = async {
         if let Some(Ok(config)) = &config {
             publish_custom_headers(space, ctx, config).await?;

@@ -200,6 +200,8 @@ pub fn derive(facts: &Facts) -> SpaceStatus {
         replicas: Some(ReplicaStatus { requested: facts.replicas_requested, current: ready_replicas }),
         build: facts.build_record.clone(),
         sleep: if stage == Stage::Sleeping { facts.sleep.clone() } else { None },
+        // The build side's record: the reconciler sets it.
+        built: None,
     }
 }
 
