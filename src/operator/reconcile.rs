@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Patch, PatchParams, PostParams};
 use kube::runtime::controller::Action;
@@ -255,10 +256,19 @@ async fn reconcile_inner(space: &Space, ctx: &Context) -> Result<Action> {
     // Load (from the caches) and validate.
     let lease = ctx.caches.lease(&namespace, &naming::activity_lease_name(&name));
     let Runnable { config, image, build, record, built } = runnable(space, &ctx.builds);
-    let sleep_times = config.as_ref().and_then(|c| c.as_ref().ok()).map(|c| ctx.config.sleep_policy.for_config(c));
+    let valid_config = config.as_ref().and_then(|c| c.as_ref().ok());
+    let sleep_times = valid_config.map(|c| ctx.config.sleep_policy.for_config(c));
+    let startup_timeout = valid_config.map_or(crate::space::app_config::DEFAULT_STARTUP_TIMEOUT, |c| c.startup_timeout);
     // No Lease yet: the one made below records activity now.
     let last_activity = lease.as_deref().map_or(Some(now), sleep::last_activity);
-    let decision = sleep::decide_tier(last_activity, sleep_times, now);
+    // Idle time counts from readiness: the pods of this pass, the stage of the last.
+    let pods = ctx.caches.pods(&namespace, &name);
+    let recorded_stage = space.status.as_ref().and_then(|s| s.stage);
+    let phase = sleep::phase(recorded_stage, &pods);
+    let recorded_ready = space.status.as_ref().and_then(|s| s.ready_since.as_ref()).map(|t| t.0);
+    let ready_since = sleep::ready_since(phase, recorded_stage, recorded_ready, now);
+    let idle_since = sleep::idle_since(phase, last_activity, ready_since, startup_timeout);
+    let decision = sleep::decide_tier(idle_since, sleep_times, now);
     let runnable = matches!(config, Some(Ok(_))) && image.is_some() && !space.spec.paused;
     let replicas = i32::from(runnable && !decision.stopped());
     // Frozen: the pods stay, their node agents freeze them on this decision.
@@ -284,7 +294,6 @@ async fn reconcile_inner(space: &Space, ctx: &Context) -> Result<Action> {
 
     // Status from the facts at hand, written alongside the workload rather
     // than after it: a new or changed Space shows where it stands at once.
-    let pods = ctx.caches.pods(&namespace, &name);
     let url = format!("{}://{}/", ctx.config.url_scheme, naming::host(&namespace, &name, &ctx.config.domain));
     let derived = status::derive(&Facts {
         generation: space.meta().generation,
@@ -303,7 +312,7 @@ async fn reconcile_inner(space: &Space, ctx: &Context) -> Result<Action> {
         build_record: record,
         now,
     });
-    let desired = SpaceStatus { built, ..derived };
+    let desired = SpaceStatus { built, ready_since: ready_since.map(Time), ..derived };
     let status = async {
         if let Some(Ok(config)) = &config {
             publish_custom_headers(space, ctx, config).await?;

@@ -62,7 +62,7 @@ pub struct Facts<'a> {
     pub now: Timestamp,
 }
 
-fn is_ready(pod: &Pod) -> bool {
+pub(crate) fn is_ready(pod: &Pod) -> bool {
     pod.status
         .as_ref()
         .and_then(|s| s.conditions.as_ref())
@@ -200,8 +200,9 @@ pub fn derive(facts: &Facts) -> SpaceStatus {
         replicas: Some(ReplicaStatus { requested: facts.replicas_requested, current: ready_replicas }),
         build: facts.build_record.clone(),
         sleep: if stage == Stage::Sleeping { facts.sleep.clone() } else { None },
-        // The build side's record: the reconciler sets it.
+        // The build side's record and the idle clock's start: the reconciler sets them.
         built: None,
+        ready_since: None,
     }
 }
 

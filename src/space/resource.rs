@@ -258,6 +258,10 @@ pub struct SpaceStatus {
     /// The last successful build of a source Space.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub built: Option<BuiltStatus>,
+    /// When the Space last began to serve, after its start or a wake: its
+    /// idle time counts from then at the earliest (kept while it sleeps).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ready_since: Option<Time>,
 }
 
 /// The last successful build of a source Space: what it runs while a newer
