@@ -281,16 +281,17 @@ mod tests {
     }
 
     fn ready_pod(ready: bool) -> Pod {
-        let mut p = Pod::default();
-        p.status = Some(k8s_openapi::api::core::v1::PodStatus {
-            conditions: Some(vec![k8s_openapi::api::core::v1::PodCondition {
-                type_: "Ready".into(),
-                status: if ready { "True" } else { "False" }.into(),
+        Pod {
+            status: Some(k8s_openapi::api::core::v1::PodStatus {
+                conditions: Some(vec![k8s_openapi::api::core::v1::PodCondition {
+                    type_: "Ready".into(),
+                    status: if ready { "True" } else { "False" }.into(),
+                    ..Default::default()
+                }]),
                 ..Default::default()
-            }]),
+            }),
             ..Default::default()
-        });
-        p
+        }
     }
 
     #[test]
