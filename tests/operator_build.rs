@@ -189,6 +189,12 @@ async fn a_restarted_operator_takes_up_what_was_built_without_a_restart_or_a_reb
         assert_eq!(metric(&text, "hangar_operator_builds_taken_up_total"), 1.0, "{builder}: {text}");
         let (stage, _) = stage_of(&spaces, "app").await.expect("current status");
         assert_eq!(stage, Stage::Running, "{builder}");
+        if !extra.is_empty() {
+            // Its build log says where the image came from.
+            let log = format!("http://{}/api/spaces/{}/app/logs/build", operator.http, ns.name);
+            sse_until(&log, Duration::from_secs(30), |l| l.iter().any(|l| l.contains("taken up, nothing to build")))
+                .await;
+        }
     }
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let (sent, failures) = steady.await.expect("steady client");

@@ -175,6 +175,16 @@ impl Builds {
                 let state = entry.state();
                 entries.insert(key.clone(), entry);
                 drop(entries);
+                // The build log of this process says where the image came from.
+                if let Some(builder) = &self.builder {
+                    let id = crate::space::naming::space_id(&space.namespace().unwrap_or_default(), &space.name_any());
+                    let log = builder.logs().start(&id, crate::builder::LogKind::Build, Vec::new());
+                    log.line(&format!(
+                        "[hangar] {} (commit {}) was built before this operator started: taken up, nothing to build",
+                        built.image, built.revision
+                    ));
+                    log.close();
+                }
                 if let Ok(mut last) = self.last_success.lock() {
                     last.insert(key, built);
                 }
