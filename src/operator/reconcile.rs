@@ -265,7 +265,7 @@ async fn reconcile_inner(space: &Space, ctx: &Context) -> Result<Action> {
     let pods = ctx.caches.pods(&namespace, &name);
     let recorded_stage = space.status.as_ref().and_then(|s| s.stage);
     let phase = sleep::phase(recorded_stage, &pods);
-    let recorded_ready = space.status.as_ref().and_then(|s| s.ready_since.as_ref()).map(|t| t.0);
+    let recorded_ready = sleep::recorded_ready_since(space.status.as_ref());
     let ready_since = sleep::ready_since(phase, recorded_stage, recorded_ready, now);
     let idle_since = sleep::idle_since(phase, last_activity, ready_since, startup_timeout);
     let decision = sleep::decide_tier(idle_since, sleep_times, now);

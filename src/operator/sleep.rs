@@ -13,7 +13,7 @@ use serde_json::json;
 
 use crate::node_agent::decision::{DecisionId, FreezerRecord, RecordedState};
 use crate::space::naming::FREEZE_ANNOTATION;
-use crate::space::{SleepPolicy, SleepStatus, SleepTier, SleepTimes, Stage};
+use crate::space::{SleepPolicy, SleepStatus, SleepTier, SleepTimes, SpaceStatus, Stage};
 
 /// Last activity the Lease records (`renewTime`, else `acquireTime`).
 pub fn last_activity(lease: &Lease) -> Option<Timestamp> {
@@ -67,6 +67,15 @@ pub fn phase(recorded: Option<Stage>, pods: &[Pod]) -> Phase {
     } else {
         Phase::Starting
     }
+}
+
+/// When the Space last began to serve, as its status records it: `readySince`,
+/// else (a status written before that field, or by an operator whose CRD
+/// lacks it) the time its `Ready` condition turned true, while it is true.
+pub fn recorded_ready_since(status: Option<&SpaceStatus>) -> Option<Timestamp> {
+    let status = status?;
+    let ready = || status.conditions.iter().find(|c| c.type_ == super::status::READY && c.status == "True");
+    status.ready_since.as_ref().or_else(|| ready().map(|c| &c.last_transition_time)).map(|t| t.0)
 }
 
 /// When the Space last began to serve (`status.readySince`): kept while it
@@ -323,6 +332,26 @@ mod tests {
         // Asleep or starting: kept.
         assert_eq!(ready_since(Phase::Asleep, Some(Stage::Sleeping), Some(at(1)), now), Some(at(1)));
         assert_eq!(ready_since(Phase::Starting, Some(Stage::AppStarting), Some(at(1)), now), Some(at(1)));
+    }
+
+    #[test]
+    fn ready_since_falls_back_to_the_ready_condition() {
+        use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+        let ready = |status: &str| Condition {
+            type_: "Ready".into(),
+            status: status.into(),
+            reason: String::new(),
+            message: String::new(),
+            last_transition_time: Time(at(5)),
+            observed_generation: None,
+        };
+        let mut s = SpaceStatus { conditions: vec![ready("True")], ..Default::default() };
+        assert_eq!(recorded_ready_since(Some(&s)), Some(at(5)), "serving since its Ready condition turned true");
+        s.ready_since = Some(Time(at(3)));
+        assert_eq!(recorded_ready_since(Some(&s)), Some(at(3)));
+        let asleep = SpaceStatus { conditions: vec![ready("False")], ..Default::default() };
+        assert_eq!(recorded_ready_since(Some(&asleep)), None);
+        assert_eq!(recorded_ready_since(None), None);
     }
 
     #[test]
