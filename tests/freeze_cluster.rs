@@ -16,6 +16,8 @@ use std::time::{Duration, Instant};
 use hangar::space::naming::SPACE_LABEL;
 use hangar::space::{SleepTier, Space, Stage};
 use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::api::events::v1::Event;
+use k8s_openapi::jiff::Timestamp;
 use kube::Api;
 use kube::api::{ListParams, PostParams};
 use serde_json::json;
@@ -105,10 +107,16 @@ async fn setup(prefix: &str) -> Bed {
 
 impl Bed {
     async fn create_space(&self, name: &str, freeze_after: &str, sleep_after: &str) {
+        self.create_space_listening_after(name, freeze_after, sleep_after, 0).await;
+    }
+
+    /// A Space whose app listens `start_delay` seconds after it starts.
+    async fn create_space_listening_after(&self, name: &str, freeze_after: &str, sleep_after: &str, start_delay: u32) {
         let space: Space = serde_json::from_value(json!({
             "apiVersion": "hangar.dev/v1alpha1", "kind": "Space", "metadata": {"name": name},
             "spec": {"image": self.image, "appPort": 7860, "hardware": "cpu-basic",
-                     "freezeAfter": freeze_after, "sleepAfter": sleep_after, "startupTimeout": "3m"},
+                     "freezeAfter": freeze_after, "sleepAfter": sleep_after, "startupTimeout": "3m",
+                     "env": {"START_DELAY": start_delay.to_string()}},
         }))
         .expect("space");
         let api: Api<Space> = self.ns.api();
@@ -130,18 +138,50 @@ impl Bed {
         pods.items.into_iter().filter(|p| p.metadata.deletion_timestamp.is_none()).collect()
     }
 
-    async fn wait_running(&self, name: &str) {
+    /// Waits until the Space has served (RUNNING, or SLEEPING: idle time counts
+    /// from readiness, so it sleeps only after it served, and its idle time may
+    /// run out before this looks) and answers through the proxy (a sleeping
+    /// one wakes for it).
+    async fn wait_served(&self, name: &str) {
         let client = support::held_client();
         let url = self.url(name);
         wait_for(&format!("{name} to serve through the proxy"), Duration::from_secs(240), || async {
             let stage = self.space(name).await.status.and_then(|s| s.stage);
-            if stage != Some(Stage::Running) {
+            if !matches!(stage, Some(Stage::Running | Stage::Sleeping)) {
                 return Ok(None);
             }
             let r = client.get(&url).send().await?;
             Ok((r.status() == 200).then_some(()))
         })
         .await;
+    }
+
+    /// The Space's stage changes as its Events record them (reason, time), oldest first.
+    async fn stage_events(&self, name: &str) -> Vec<(String, Timestamp)> {
+        let api: Api<Event> = self.ns.api();
+        let mut events: Vec<(String, Timestamp)> = api
+            .list(&ListParams::default())
+            .await
+            .expect("events")
+            .items
+            .into_iter()
+            .filter(|e| {
+                e.regarding
+                    .as_ref()
+                    .is_some_and(|r| r.kind.as_deref() == Some("Space") && r.name.as_deref() == Some(name))
+            })
+            .filter_map(|e| Some((e.reason?, e.event_time?.0)))
+            .collect();
+        events.sort_by_key(|(_, t)| *t);
+        events
+    }
+
+    /// `hangar_proxy_wakes_total` of the Space for a tier.
+    async fn wakes(&self, name: &str, tier: &str) -> u64 {
+        let text = self.metrics(&self.proxy_admin).await;
+        let series =
+            format!(r#"hangar_proxy_wakes_total{{namespace="{}",space="{name}",tier="{tier}"}}"#, self.ns.name);
+        metric(&text, &series)
     }
 
     /// Waits until the Space's status says Frozen and its pod's cgroup is FROZEN; returns the pod.
@@ -225,7 +265,7 @@ async fn idle_space_freezes_and_fifty_requests_thaw_it_once_and_restarts_converg
     let mut bed = setup("freeze").await;
     let name = "frosty";
     bed.create_space(name, "6s", "30m").await;
-    bed.wait_running(name).await;
+    bed.wait_served(name).await;
     let before = bed.pods(name).await;
     let uid = before[0].metadata.uid.clone().expect("pod uid");
 
@@ -247,6 +287,7 @@ async fn idle_space_freezes_and_fifty_requests_thaw_it_once_and_restarts_converg
 
     // 50 concurrent requests: one thaw, all answered by the app.
     let thaws_before = bed.thaws().await;
+    let wakes_before = bed.wakes(name, "frozen").await;
     let url = bed.url(name);
     let requests = (0..50).map(|_| {
         let url = url.clone();
@@ -266,9 +307,7 @@ async fn idle_space_freezes_and_fifty_requests_thaw_it_once_and_restarts_converg
     let thaws = bed.thaws().await;
     eprintln!("agent thaws (request, decision): {thaws:?}, before: {thaws_before:?}");
     assert_eq!(thaws.0 + thaws.1, thaws_before.0 + thaws_before.1 + 1, "exactly one thaw for 50 requests");
-    let proxy_metrics = bed.metrics(&bed.proxy_admin).await;
-    let series = format!(r#"hangar_proxy_wakes_total{{namespace="{}",space="{name}",tier="frozen"}}"#, bed.ns.name);
-    assert_eq!(metric(&proxy_metrics, &series), 1, "{proxy_metrics}");
+    assert_eq!(bed.wakes(name, "frozen").await, wakes_before + 1, "one wake for 50 requests");
     assert_eq!(freezer_state(&uid).as_deref(), Some("THAWED"));
     // The old decision may still be on the pod for a moment: it must not freeze it again.
     for _ in 0..10 {
@@ -331,7 +370,7 @@ async fn idle_past_sleep_after_the_frozen_space_is_stopped_and_wakes_the_ordinar
     let bed = setup("freeze-stop").await;
     let name = "deep";
     bed.create_space(name, "3s", "15s").await;
-    bed.wait_running(name).await;
+    bed.wait_served(name).await;
     let uid = bed.pods(name).await[0].metadata.uid.clone().expect("pod uid");
     bed.wait_frozen(name, Duration::from_secs(60)).await;
 
@@ -348,14 +387,39 @@ async fn idle_past_sleep_after_the_frozen_space_is_stopped_and_wakes_the_ordinar
     assert_eq!(freezer_state(&uid), None, "the pod's cgroup is gone");
 
     // The ordinary wake: a new pod, then the answer.
+    let wakes_before = bed.wakes(name, "stopped").await;
     let (status, body, took) = get_ok(&bed.url(name)).await;
     assert_eq!(status, 200, "{body}");
     assert!(body.contains(&bed.marker), "{body}");
     eprintln!("stopped Space answered after {took:?}");
-    let metrics = bed.metrics(&bed.proxy_admin).await;
-    let series = format!(r#"hangar_proxy_wakes_total{{namespace="{}",space="{name}",tier="stopped"}}"#, bed.ns.name);
-    assert_eq!(metric(&metrics, &series), 1, "{metrics}");
+    assert_eq!(bed.wakes(name, "stopped").await, wakes_before + 1, "one wake");
     let pods = bed.pods(name).await;
     assert_eq!(pods.len(), 1);
     assert_ne!(pods[0].metadata.uid.as_deref(), Some(uid.as_str()), "a new pod");
+}
+
+/// Idle time counts from readiness: a Space whose first start takes longer than
+/// its freeze and sleep times serves before it sleeps (it was frozen 2 s after
+/// `AppStarting` when its idle time counted from creation).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_space_slower_to_start_than_its_idle_times_serves_before_it_sleeps() {
+    let bed = setup("freeze-slow").await;
+    let name = "slow";
+    bed.create_space_listening_after(name, "2s", "6s", 12).await;
+    let events = wait_for("the Space's first Sleeping event", Duration::from_secs(240), || async {
+        let events = bed.stage_events(name).await;
+        Ok(events.iter().any(|(reason, _)| reason == "Sleeping").then_some(events))
+    })
+    .await;
+    let running = events.iter().position(|(reason, _)| reason == "Running");
+    let sleeping = events.iter().position(|(reason, _)| reason == "Sleeping");
+    assert!(running.is_some_and(|r| Some(r) < sleeping), "RUNNING before SLEEPING: {events:?}");
+    let status = bed.space(name).await.status.unwrap_or_default();
+    assert!(status.ready_since.is_some(), "the idle clock's start is recorded: {status:?}");
+
+    // A request wakes it (a slow start again): held, then answered.
+    let (status, body, took) = get_ok(&bed.url(name)).await;
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains(&bed.marker), "{body}");
+    eprintln!("slow Space answered after {took:?}");
 }

@@ -673,6 +673,35 @@ fn unpauses_since(env: &TestEnv, name: &str, since: SystemTime) -> usize {
     out.lines().filter(|l| l.trim() == "unpause").count()
 }
 
+/// Idle time counts from readiness: a Space whose app listens only after its
+/// freeze and sleep times have passed is RUNNING (and answers) before it sleeps.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_space_slower_to_start_than_its_idle_times_serves_before_it_sleeps() {
+    let env = TestEnv::engine();
+    let owner = unique_name("slow");
+    let _containers = Containers { env: env.clone(), owner: owner.clone() };
+    let dir = tempfile::tempdir().expect("dir");
+    let state = tempfile::tempdir().expect("state dir");
+    napping_echo(dir.path(), "slow", "2s", "4s");
+    let app = dir.path().join("slow").join("app.py");
+    let text = std::fs::read_to_string(&app).expect("app.py");
+    std::fs::write(
+        &app,
+        text.replace(
+            "if __name__ == \"__main__\":",
+            "if __name__ == \"__main__\":\n    import time\n    time.sleep(8)",
+        ),
+    )
+    .expect("app.py");
+    let id = format!("{owner}/slow");
+    let up = Up::start(&env, dir.path(), &owner, state.path());
+    up.wait_line("SLEEPING", Duration::from_secs(300), |l| l.starts_with(&format!("{id}: SLEEPING")));
+    let out = up.output();
+    let running = out.find(&format!("{id}: RUNNING"));
+    let sleeping = out.find(&format!("{id}: SLEEPING"));
+    assert!(running.is_some() && running < sleeping, "RUNNING before SLEEPING:\n{out}");
+}
+
 /// Two-tier sleep: idle past `freezeAfter` the container is paused (the Docker
 /// API says so) and `hangar ls` shows the tier; 50 concurrent requests thaw it
 /// with exactly one unpause and are all answered; idle past `sleepAfter` it is

@@ -170,8 +170,12 @@ async fn idle_spaces_sleep_and_wake_on_lease_renewal_but_paused_ones_do_not() {
     let mut space = image_space("nap", "cpu-basic");
     space.spec.sleep_after = Some("5s".into());
     create(&ns, &space).await;
-    wait_stage(&ns, "nap", Stage::Running, Duration::from_secs(60)).await;
-    let asleep = wait_stage(&ns, "nap", Stage::Sleeping, Duration::from_secs(30)).await;
+    // Served, then asleep: idle time counts from readiness, so the status
+    // records when it began to serve (waiting for RUNNING itself would race
+    // its 5 s of idle time on a busy machine).
+    let asleep = wait_stage(&ns, "nap", Stage::Sleeping, Duration::from_secs(90)).await;
+    let served = asleep.status.as_ref().and_then(|s| s.ready_since.clone());
+    assert!(served.is_some(), "asleep only after it served: {:?}", asleep.status);
     assert_eq!(replicas(&ns, "nap").await, Some(0));
     assert_eq!(asleep.status.and_then(|s| s.replicas).map(|r| r.requested), Some(0));
 
@@ -182,14 +186,18 @@ async fn idle_spaces_sleep_and_wake_on_lease_renewal_but_paused_ones_do_not() {
     })
     .await;
     let scale_up = woken_at.elapsed();
-    wait_stage(&ns, "nap", Stage::Running, Duration::from_secs(30)).await;
+    let spaces: Api<Space> = ns.api();
+    wait_for("nap to serve again after the wake", Duration::from_secs(30), || async {
+        let status = spaces.get("nap").await?.status;
+        Ok((status.and_then(|s| s.ready_since) > served).then_some(()))
+    })
+    .await;
     eprintln!("wake: lease renewal -> replicas 1 in {scale_up:?}, -> RUNNING in {:?}", woken_at.elapsed());
 
     set_paused(&ns, "nap", true).await;
     wait_stage(&ns, "nap", Stage::Paused, Duration::from_secs(30)).await;
     renew(&ns, "nap").await;
     tokio::time::sleep(Duration::from_secs(3)).await;
-    let spaces: Api<Space> = ns.api();
     let paused = spaces.get("nap").await.expect("get");
     assert_eq!(paused.status.and_then(|s| s.stage), Some(Stage::Paused), "traffic must not wake a paused Space");
     assert_eq!(replicas(&ns, "nap").await, Some(0));

@@ -128,6 +128,93 @@ async fn a_space_builds_runs_on_the_real_node_and_rolls_out_a_new_commit() {
     assert!(answer(&ns, "app", &image2).await.contains(&marker2));
 }
 
+/// A counter or gauge's value in Prometheus text (0 when absent).
+fn metric(text: &str, series: &str) -> f64 {
+    text.lines().find_map(|l| l.strip_prefix(series)?.trim().parse().ok()).unwrap_or(0.0)
+}
+
+/// Restarts cost nothing: an operator SIGKILLed and started again (with its
+/// builder, then without one) takes up the build its predecessor recorded.
+/// A client sending to the pod without pause sees no failure, the pod is the
+/// same, the Deployment is not touched and nothing is built again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_operator_takes_up_what_was_built_without_a_restart_or_a_rebuild() {
+    let (ns, mut operator) = setup("op-restart").await;
+    let marker = support::unique_name("kept");
+    let repo = fixture_repo("docker", &marker);
+    let spaces: Api<Space> = ns.api();
+    let space = source_space("app", repo.path(), &[("BASE_IMAGE", &ns.env.python_image)]);
+    spaces.create(&PostParams::default(), &space).await.expect("create space");
+    let running = wait_stage(&spaces, "app", Stage::Running, Duration::from_secs(300)).await;
+    let image = running.status.and_then(|s| s.image).expect("status.image");
+    assert!(answer(&ns, "app", &image).await.contains(&marker));
+    let pods: Api<Pod> = ns.api();
+    let selector = ListParams::default().labels(&format!("{}=app", naming::SPACE_LABEL));
+    let pod = pods.list(&selector).await.expect("pods").items.remove(0);
+    let uid = pod.metadata.uid.clone().expect("uid");
+    let ip = pod.status.and_then(|s| s.pod_ip).expect("pod IP");
+    let deployments: Api<k8s_openapi::api::apps::v1::Deployment> = ns.api();
+    let workload = naming::workload_name("app");
+    let generation = deployments.get(&workload).await.expect("deployment").metadata.generation;
+
+    // A client sending without pause, straight to the pod.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let steady = tokio::spawn({
+        let (stop, url) = (stop.clone(), format!("http://{ip}:7860/"));
+        async move {
+            let http = http_client();
+            let (mut sent, mut failures) = (0u32, Vec::new());
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                sent += 1;
+                match http_get(&http, &url).await {
+                    Ok((200, _)) => {}
+                    other => failures.push(format!("{other:?}")),
+                }
+            }
+            (sent, failures)
+        }
+    });
+
+    let builder = support::operator::builder_args(&ns.env);
+    let with_builder: Vec<&str> = builder.iter().map(String::as_str).collect();
+    for extra in [with_builder.as_slice(), &[]] {
+        operator.kill();
+        operator = Operator::start(&ns, MAPPING, extra);
+        let url = format!("http://{}/metrics", operator.http);
+        // Reconciled: the Spaces-by-stage gauge counts the Space.
+        let text = wait_for("the new operator to reconcile the Space", Duration::from_secs(120), || async {
+            let (_, text) = http_get(&http_client(), &url).await?;
+            let counted = text.lines().any(|l| l.starts_with("hangar_operator_spaces{") && l.ends_with(" 1"));
+            Ok(counted.then_some(text))
+        })
+        .await;
+        let builder = if extra.is_empty() { "without a builder" } else { "with a builder" };
+        assert_eq!(metric(&text, r#"hangar_operator_spaces{stage="RUNNING"}"#), 1.0, "{builder}: {text}");
+        assert_eq!(metric(&text, "hangar_operator_builds_started_total"), 0.0, "{builder}: built again");
+        assert_eq!(metric(&text, "hangar_operator_builds_taken_up_total"), 1.0, "{builder}: {text}");
+        let (stage, _) = stage_of(&spaces, "app").await.expect("current status");
+        assert_eq!(stage, Stage::Running, "{builder}");
+        if !extra.is_empty() {
+            // Its build log says where the image came from.
+            let log = format!("http://{}/api/spaces/{}/app/logs/build", operator.http, ns.name);
+            sse_until(&log, Duration::from_secs(30), |l| l.iter().any(|l| l.contains("taken up, nothing to build")))
+                .await;
+        }
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (sent, failures) = steady.await.expect("steady client");
+    eprintln!("{sent} requests across two operator restarts, {} failed", failures.len());
+    assert!(failures.is_empty(), "{} of {sent} requests failed: {failures:?}", failures.len());
+    let now: Vec<Option<String>> =
+        pods.list(&selector).await.expect("pods").items.into_iter().map(|p| p.metadata.uid).collect();
+    assert_eq!(now, vec![Some(uid)], "the same pod, never restarted");
+    let after = deployments.get(&workload).await.expect("deployment").metadata.generation;
+    assert_eq!(after, generation, "the Deployment was not touched (no scale-down, no rollout)");
+    let status = spaces.get("app").await.expect("space").status.expect("status");
+    assert_eq!(status.image, Some(image.clone()));
+    assert_eq!(status.built.map(|b| b.image), Some(image));
+}
+
 #[tokio::test]
 async fn broken_repositories_end_in_a_status_that_says_why() {
     let (ns, _operator) = setup("op-broken").await;

@@ -2,9 +2,11 @@
 //! running for it, and the outcome. Builds run in background tasks; when one
 //! ends, the Space is reconciled again through `triggers`.
 //!
-//! Nothing here is persisted: after a restart the operator asks for the same
-//! build again, and the builder's key lookup in the registry answers it
-//! without building (`BuildOutput::reused`).
+//! A successful build is recorded in the Space's status (`status.built`:
+//! inputs, image by digest, the configuration it resolved), so a restarted or
+//! newly elected operator takes it up from the cluster: a Space whose wanted
+//! inputs are already built keeps running and is not built again, and without
+//! a builder the last built image keeps serving.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -14,13 +16,14 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 use kube::runtime::reflector::ObjectRef;
 use kube::{Api, Client, ResourceExt};
+use prometheus_client::metrics::counter::Counter;
 use sha2::{Digest, Sha256};
 use tokio::sync::mpsc::UnboundedSender;
 use tokio_util::sync::CancellationToken;
 
 use crate::builder::{BuildFailure, BuildOutput, BuildRequest, BuildSecrets, Builder, GitCredentials};
 use crate::space::naming::HEAD_SHA_ANNOTATION;
-use crate::space::{BuildStatus, Space};
+use crate::space::{BuildStatus, BuiltStatus, Space};
 
 /// What a Space asks to be built: a digest of everything that changes the image.
 fn wanted(space: &Space) -> String {
@@ -44,13 +47,23 @@ fn wanted(space: &Space) -> String {
 #[derive(Debug, Clone)]
 enum Entry {
     Running { wanted: String, started: Timestamp, cancel: CancellationToken },
-    Done { wanted: String, started: Timestamp, finished: Timestamp, result: Box<Result<BuildOutput, BuildFailure>> },
+    Done { wanted: String, record: BuildStatus, result: Box<Result<BuiltStatus, BuildFailure>> },
 }
 
 impl Entry {
     fn wanted(&self) -> &str {
         match self {
             Entry::Running { wanted, .. } | Entry::Done { wanted, .. } => wanted,
+        }
+    }
+
+    fn state(&self) -> BuildState {
+        match self {
+            Entry::Running { started, .. } => BuildState::Running { started: *started },
+            Entry::Done { record, result, .. } => match result.as_ref() {
+                Ok(built) => BuildState::Built { built: Box::new(built.clone()), record: record.clone() },
+                Err(failure) => BuildState::Failed { failure: failure.clone(), record: record.clone() },
+            },
         }
     }
 }
@@ -64,7 +77,7 @@ pub enum BuildState {
         started: Timestamp,
     },
     Built {
-        output: Box<BuildOutput>,
+        built: Box<BuiltStatus>,
         record: BuildStatus,
     },
     Failed {
@@ -73,13 +86,44 @@ pub enum BuildState {
     },
 }
 
+/// What [`Builds::ensure`] does for a Space.
+#[derive(Debug, PartialEq)]
+enum Step {
+    /// This process knows the build of the wanted inputs (running or done).
+    Known,
+    /// The cluster records a build of the wanted inputs (an operator before
+    /// this one made it): take it up, build nothing.
+    TakeUp,
+    /// No builder: nothing to start.
+    Unavailable,
+    /// Build the wanted inputs (superseding a build of other inputs).
+    Build,
+}
+
+/// The pure decision behind [`Builds::ensure`].
+fn step(known: Option<&str>, recorded: Option<&BuiltStatus>, wanted: &str, can_build: bool) -> Step {
+    if known == Some(wanted) {
+        Step::Known
+    } else if recorded.is_some_and(|r| r.inputs == wanted) {
+        Step::TakeUp
+    } else if !can_build {
+        Step::Unavailable
+    } else {
+        Step::Build
+    }
+}
+
 pub struct Builds {
     builder: Option<Builder>,
     client: Client,
     entries: Mutex<HashMap<String, Entry>>,
     /// The last successful build of each Space: what serves while a newer one builds or fails.
-    last_success: Mutex<HashMap<String, BuildOutput>>,
+    last_success: Mutex<HashMap<String, BuiltStatus>>,
     triggers: UnboundedSender<ObjectRef<Space>>,
+    /// Builds this process asked its builder for.
+    pub started: Counter,
+    /// Builds this process took up from a Space's `status.built` instead of building.
+    pub taken_up: Counter,
 }
 
 fn seconds(t: Timestamp) -> Time {
@@ -94,6 +138,8 @@ impl Builds {
             entries: Mutex::new(HashMap::new()),
             last_success: Mutex::new(HashMap::new()),
             triggers,
+            started: Counter::default(),
+            taken_up: Counter::default(),
         }
     }
 
@@ -102,37 +148,57 @@ impl Builds {
     }
 
     /// The build state of a source Space, starting (or restarting) its build
-    /// when what it wants changed. Never waits for a build.
+    /// when what it wants changed and is not built yet. Never waits for a build.
     pub fn ensure(self: &Arc<Self>, space: &Space) -> BuildState {
-        let Some(builder) = &self.builder else { return BuildState::Unavailable };
         let Some(source) = space.spec.source.clone() else { return BuildState::Unavailable };
         let key = format!("{}/{}", space.namespace().unwrap_or_default(), space.name_any());
         let wanted = wanted(space);
+        let status = space.status.as_ref();
+        let recorded = status.and_then(|s| s.built.as_ref());
         let Ok(mut entries) = self.entries.lock() else { return BuildState::Unavailable };
-        match entries.get(&key) {
-            Some(Entry::Running { wanted: w, started, .. }) if *w == wanted => {
-                return BuildState::Running { started: *started };
+        match step(entries.get(&key).map(Entry::wanted), recorded, &wanted, self.builder.is_some()) {
+            Step::Known => return entries.get(&key).map_or(BuildState::Unavailable, Entry::state),
+            Step::Unavailable => return BuildState::Unavailable,
+            Step::TakeUp => {
+                let Some(built) = recorded.cloned() else { return BuildState::Unavailable };
+                if let Some(Entry::Running { cancel, .. }) = entries.get(&key) {
+                    cancel.cancel();
+                }
+                // The record of that build as the status kept it, unless a later build's replaced it.
+                let record = status
+                    .and_then(|s| s.build.clone())
+                    .filter(|b| b.revision.as_ref() == Some(&built.revision) && b.message.is_none())
+                    .unwrap_or_else(|| BuildStatus { revision: Some(built.revision.clone()), ..Default::default() });
+                tracing::info!(space = %key, image = %built.image, "build taken up from the Space's status");
+                self.taken_up.inc();
+                let entry = Entry::Done { wanted, record, result: Box::new(Ok(built.clone())) };
+                let state = entry.state();
+                entries.insert(key.clone(), entry);
+                drop(entries);
+                // The build log of this process says where the image came from.
+                if let Some(builder) = &self.builder {
+                    let id = crate::space::naming::space_id(&space.namespace().unwrap_or_default(), &space.name_any());
+                    let log = builder.logs().start(&id, crate::builder::LogKind::Build, Vec::new());
+                    log.line(&format!(
+                        "[hangar] {} (commit {}) was built before this operator started: taken up, nothing to build",
+                        built.image, built.revision
+                    ));
+                    log.close();
+                }
+                if let Ok(mut last) = self.last_success.lock() {
+                    last.insert(key, built);
+                }
+                return state;
             }
-            Some(Entry::Done { wanted: w, started, finished, result }) if *w == wanted => {
-                let (revision, message) = match result.as_ref() {
-                    Ok(out) => (Some(out.commit.clone()), None),
-                    Err(f) => (f.commit.clone(), Some(f.message.clone())),
-                };
-                let record = BuildStatus {
-                    revision,
-                    started_at: Some(seconds(*started)),
-                    finished_at: Some(seconds(*finished)),
-                    message,
-                };
-                return match result.as_ref() {
-                    Ok(out) => BuildState::Built { output: Box::new(out.clone()), record },
-                    Err(failure) => BuildState::Failed { failure: failure.clone(), record },
-                };
+            Step::Build => {
+                if let Some(Entry::Running { cancel, .. }) = entries.get(&key) {
+                    cancel.cancel();
+                }
             }
-            Some(Entry::Running { cancel, .. }) => cancel.cancel(),
-            _ => {}
         }
+        let Some(builder) = &self.builder else { return BuildState::Unavailable };
         // A new build: the previous one (if any) is superseded.
+        self.started.inc();
         let cancel = CancellationToken::new();
         let started = Timestamp::now();
         entries.insert(key.clone(), Entry::Running { wanted: wanted.clone(), started, cancel: cancel.clone() });
@@ -163,13 +229,23 @@ impl Builds {
                 Err(f) => tracing::warn!(space = %key, stage = ?f.stage, kind = ?f.kind, "build failed"),
             }
             if let (Ok(out), Ok(mut last)) = (&result, this.last_success.lock()) {
-                last.insert(key.clone(), out.clone());
+                last.insert(key.clone(), built_status(&wanted, out));
             }
             if let Ok(mut entries) = this.entries.lock() {
                 // Only record it if no newer build replaced this one meanwhile.
                 if entries.get(&key).is_some_and(|e| e.wanted() == wanted) {
-                    let done = Entry::Done { wanted, started, finished: Timestamp::now(), result: Box::new(result) };
-                    entries.insert(key, done);
+                    let (revision, message) = match &result {
+                        Ok(out) => (Some(out.commit.clone()), None),
+                        Err(f) => (f.commit.clone(), Some(f.message.clone())),
+                    };
+                    let record = BuildStatus {
+                        revision,
+                        started_at: Some(seconds(started)),
+                        finished_at: Some(seconds(Timestamp::now())),
+                        message,
+                    };
+                    let result = result.map(|out| built_status(&wanted, &out));
+                    entries.insert(key, Entry::Done { wanted, record, result: Box::new(result) });
                 }
             }
             let _ = this.triggers.send(object);
@@ -221,10 +297,12 @@ impl Builds {
         values
     }
 
-    /// The last image built successfully for the Space, if any.
-    pub fn last_success(&self, space: &Space) -> Option<BuildOutput> {
+    /// The last image built successfully for the Space, if any: this
+    /// process's, else the one the Space's status records.
+    pub fn last_success(&self, space: &Space) -> Option<BuiltStatus> {
         let key = format!("{}/{}", space.namespace().unwrap_or_default(), space.name_any());
-        self.last_success.lock().ok()?.get(&key).cloned()
+        let known = self.last_success.lock().ok().and_then(|last| last.get(&key).cloned());
+        known.or_else(|| space.status.as_ref()?.built.clone())
     }
 
     /// Forgets a deleted Space (stops its build, drops its build and run logs).
@@ -241,6 +319,16 @@ impl Builds {
         {
             cancel.cancel();
         }
+    }
+}
+
+/// The record of a successful build of the `wanted` inputs, for `status.built`.
+fn built_status(wanted: &str, out: &BuildOutput) -> BuiltStatus {
+    BuiltStatus {
+        inputs: wanted.to_owned(),
+        image: out.image.clone(),
+        revision: out.commit.clone(),
+        config: out.app_config.built(),
     }
 }
 
@@ -261,6 +349,71 @@ mod tests {
                 ..Default::default()
             },
         )
+    }
+
+    fn recorded(inputs: &str) -> BuiltStatus {
+        BuiltStatus {
+            inputs: inputs.into(),
+            image: "reg/demo@sha256:1".into(),
+            revision: "abc".into(),
+            config: crate::space::BuiltConfig {
+                sdk: crate::space::Sdk::Docker,
+                sdk_version: None,
+                python_version: "3.11".into(),
+                app_file: None,
+                app_port: 7860,
+                base_path: "/".into(),
+                startup_timeout_seconds: 60,
+                title: None,
+                custom_headers: Default::default(),
+                preload_from_hub: vec![],
+            },
+        }
+    }
+
+    #[test]
+    fn a_recorded_build_of_the_wanted_inputs_is_taken_up_not_built_again() {
+        let a = recorded("a");
+        // A restarted operator (nothing known) with the build recorded: taken up, builder or not.
+        assert_eq!(step(None, Some(&a), "a", true), Step::TakeUp);
+        assert_eq!(step(None, Some(&a), "a", false), Step::TakeUp);
+        // What this process knows wins.
+        assert_eq!(step(Some("a"), Some(&a), "a", true), Step::Known);
+        assert_eq!(step(Some("b"), Some(&recorded("x")), "b", false), Step::Known);
+        // Other inputs wanted: built (the recorded image keeps serving meanwhile), or not without a builder.
+        assert_eq!(step(None, Some(&a), "b", true), Step::Build);
+        assert_eq!(step(Some("a"), Some(&a), "b", true), Step::Build);
+        assert_eq!(step(None, None, "a", true), Step::Build);
+        assert_eq!(step(None, Some(&a), "b", false), Step::Unavailable);
+        // Back to inputs already built while another build runs: taken up, that build superseded.
+        assert_eq!(step(Some("b"), Some(&a), "a", true), Step::TakeUp);
+    }
+
+    #[tokio::test]
+    async fn an_operator_without_a_builder_keeps_serving_what_the_status_records() {
+        let config = kube::Config::new("http://127.0.0.1:9".parse().expect("url"));
+        let client = Client::try_from(config).expect("client");
+        let (triggers, _triggered) = tokio::sync::mpsc::unbounded_channel();
+        let builds = Arc::new(Builds::new(None, client, triggers));
+        let mut s = space("main");
+        s.metadata.namespace = Some("ns".into());
+        assert!(matches!(builds.ensure(&s), BuildState::Unavailable), "nothing built, nothing recorded");
+        assert!(builds.last_success(&s).is_none());
+
+        let built = BuiltStatus { inputs: wanted(&s), ..recorded("") };
+        s.status = Some(crate::space::SpaceStatus { built: Some(built.clone()), ..Default::default() });
+        let BuildState::Built { built: got, record } = builds.ensure(&s) else { panic!("taken up as built") };
+        assert_eq!((*got, record.revision.as_deref()), (built.clone(), Some("abc")));
+        assert_eq!((builds.started.get(), builds.taken_up.get()), (0, 1));
+        // Asked again: known now, not taken up twice.
+        assert!(matches!(builds.ensure(&s), BuildState::Built { .. }));
+        assert_eq!(builds.taken_up.get(), 1);
+
+        // A new commit wanted and no builder: the recorded image still serves.
+        s.annotations_mut().insert(HEAD_SHA_ANNOTATION.into(), "def".into());
+        assert!(matches!(builds.ensure(&s), BuildState::Unavailable));
+        assert_eq!(builds.last_success(&s), Some(built));
+        assert_eq!(builds.started.get(), 0);
     }
 
     #[test]

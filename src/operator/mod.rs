@@ -245,6 +245,9 @@ pub async fn run(args: OperatorArgs) -> crate::Result<()> {
     let builds = Arc::new(builds::Builds::new(builder, client.clone(), triggers));
     let mut registry = Registry::default();
     let metrics = metrics::Metrics::new(&mut registry);
+    let r = registry.sub_registry_with_prefix("hangar_operator");
+    r.register("builds_started", "Builds asked of the builder", builds.started.clone());
+    r.register("builds_taken_up", "Builds taken up from a Space's status instead of built", builds.taken_up.clone());
     let ready = Arc::new(AtomicBool::new(false));
     let state = HttpState { registry: Arc::new(registry), ready: ready.clone() };
     let app = Router::new()

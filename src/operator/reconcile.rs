@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Patch, PatchParams, PostParams};
 use kube::runtime::controller::Action;
@@ -26,7 +27,7 @@ use super::status::{self, BuildView, Facts};
 use crate::space::app_config::runtime_spec;
 use crate::space::host_claim::{self, Claim};
 use crate::space::naming::{self, BASE_PATH_ANNOTATION, CUSTOM_HEADERS_ANNOTATION};
-use crate::space::{AppConfig, BuildStatus, ConfigError, Space, SpaceStatus, Stage, resolve};
+use crate::space::{AppConfig, BuildStatus, BuiltStatus, ConfigError, Space, SpaceStatus, Stage, resolve};
 use crate::{Error, Result};
 
 /// Field manager of everything the operator applies.
@@ -174,6 +175,8 @@ struct Runnable {
     image: Option<String>,
     build: BuildView,
     record: Option<BuildStatus>,
+    /// The build that `image` comes from (source Spaces), for `status.built`.
+    built: Option<BuiltStatus>,
 }
 
 fn config_error(e: ConfigError) -> (Stage, String) {
@@ -185,21 +188,22 @@ fn runnable(space: &Space, builds: &Arc<Builds>) -> Runnable {
     let spec = &space.spec;
     if let Some(image) = &spec.image {
         let config = Some(resolve(spec, None).map_err(config_error));
-        return Runnable { config, image: Some(image.clone()), build: BuildView::Idle, record: None };
+        return Runnable { config, image: Some(image.clone()), build: BuildView::Idle, record: None, built: None };
     }
     if spec.source.is_none() {
         // The CRD's CEL rule forbids this; say so if it happens anyway.
         let error = (Stage::ConfigError, "spec: set exactly one of source or image".to_owned());
-        return Runnable { config: Some(Err(error)), image: None, build: BuildView::Idle, record: None };
+        return Runnable { config: Some(Err(error)), image: None, build: BuildView::Idle, record: None, built: None };
     }
     let previous_record = space.status.as_ref().and_then(|s| s.build.clone());
     // While a build runs or after it failed, the last good build keeps serving.
     let serving = |build: BuildView, record: Option<BuildStatus>| match builds.last_success(space) {
-        Some(out) => Runnable {
-            config: Some(out.app_config.with_runtime_spec(spec).map_err(config_error)),
-            image: Some(out.image),
+        Some(built) => Runnable {
+            config: Some(AppConfig::from_built(&built.config, spec).map_err(config_error)),
+            image: Some(built.image.clone()),
             build,
             record,
+            built: Some(built),
         },
         // Nothing built yet: only the spec's own fields can be judged.
         None => {
@@ -207,7 +211,7 @@ fn runnable(space: &Space, builds: &Arc<Builds>) -> Runnable {
                 Err(e) => Some(Err(config_error(e))),
                 Ok(_) => None,
             };
-            Runnable { config, image: None, build, record }
+            Runnable { config, image: None, build, record, built: None }
         }
     };
     match builds.ensure(space) {
@@ -223,11 +227,12 @@ fn runnable(space: &Space, builds: &Arc<Builds>) -> Runnable {
         BuildState::Failed { failure, record } => {
             serving(BuildView::Failed { stage: failure.stage, message: failure.message }, Some(record))
         }
-        BuildState::Built { output, record } => Runnable {
-            config: Some(output.app_config.with_runtime_spec(spec).map_err(config_error)),
-            image: Some(output.image),
+        BuildState::Built { built, record } => Runnable {
+            config: Some(AppConfig::from_built(&built.config, spec).map_err(config_error)),
+            image: Some(built.image.clone()),
             build: BuildView::Idle,
             record: Some(record),
+            built: Some(*built),
         },
     }
 }
@@ -260,11 +265,20 @@ async fn reconcile_inner(space: &Space, ctx: &Context) -> Result<Action> {
 
     // Load (from the caches) and validate.
     let lease = ctx.caches.lease(&namespace, &naming::activity_lease_name(&name));
-    let Runnable { config, image, build, record } = runnable(space, &ctx.builds);
-    let sleep_times = config.as_ref().and_then(|c| c.as_ref().ok()).map(|c| ctx.config.sleep_policy.for_config(c));
+    let Runnable { config, image, build, record, built } = runnable(space, &ctx.builds);
+    let valid_config = config.as_ref().and_then(|c| c.as_ref().ok());
+    let sleep_times = valid_config.map(|c| ctx.config.sleep_policy.for_config(c));
+    let startup_timeout = valid_config.map_or(crate::space::app_config::DEFAULT_STARTUP_TIMEOUT, |c| c.startup_timeout);
     // No Lease yet: the one made below records activity now.
     let last_activity = lease.as_deref().map_or(Some(now), sleep::last_activity);
-    let decision = sleep::decide_tier(last_activity, sleep_times, now);
+    // Idle time counts from readiness: the pods of this pass, the stage of the last.
+    let pods = ctx.caches.pods(&namespace, &name);
+    let recorded_stage = space.status.as_ref().and_then(|s| s.stage);
+    let phase = sleep::phase(recorded_stage, &pods);
+    let recorded_ready = sleep::recorded_ready_since(space.status.as_ref());
+    let ready_since = sleep::ready_since(phase, recorded_stage, recorded_ready, now);
+    let idle_since = sleep::idle_since(phase, last_activity, ready_since, startup_timeout);
+    let decision = sleep::decide_tier(idle_since, sleep_times, now);
     let runnable = matches!(config, Some(Ok(_))) && image.is_some() && !space.spec.paused;
     let replicas = i32::from(runnable && !decision.stopped());
     // Frozen: the pods stay, their node agents freeze them on this decision.
@@ -290,7 +304,6 @@ async fn reconcile_inner(space: &Space, ctx: &Context) -> Result<Action> {
 
     // Status from the facts at hand, written alongside the workload rather
     // than after it: a new or changed Space shows where it stands at once.
-    let pods = ctx.caches.pods(&namespace, &name);
     let host = naming::host(&namespace, &name, &ctx.config.domain);
     let host_holder = host_holder(space, &ctx.spaces);
     let url = match host_holder {
@@ -319,7 +332,7 @@ async fn reconcile_inner(space: &Space, ctx: &Context) -> Result<Action> {
         token_hmac,
         now,
     };
-    let mut desired = status::derive(&facts);
+    let mut desired = SpaceStatus { built, ready_since: ready_since.map(Time), ..status::derive(&facts) };
     if let Some(holder) = &host_holder {
         status::host_taken(&mut desired, &host, holder, &facts);
     }

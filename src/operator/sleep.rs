@@ -13,7 +13,7 @@ use serde_json::json;
 
 use crate::node_agent::decision::{DecisionId, FreezerRecord, RecordedState};
 use crate::space::naming::FREEZE_ANNOTATION;
-use crate::space::{SleepPolicy, SleepStatus, SleepTier, SleepTimes};
+use crate::space::{SleepPolicy, SleepStatus, SleepTier, SleepTimes, SpaceStatus, Stage};
 
 /// Last activity the Lease records (`renewTime`, else `acquireTime`).
 pub fn last_activity(lease: &Lease) -> Option<Timestamp> {
@@ -41,6 +41,76 @@ pub fn decide(last_activity: Option<Timestamp>, sleep_after: Option<Duration>, n
         SleepDecision { asleep: true, recheck_in: None }
     } else {
         SleepDecision { asleep: false, recheck_in: Some(sleep_after - idle) }
+    }
+}
+
+/// Where a Space stands for its idle clock.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    /// Asleep (its status says `SLEEPING`): frozen or stopped.
+    Asleep,
+    /// A ready pod serves it.
+    Serving,
+    /// Not serving since its last start or wake: building, starting, failing.
+    Starting,
+}
+
+/// The phase from the stage last recorded and whether a pod is ready now.
+pub fn phase(recorded: Option<Stage>, pods: &[Pod]) -> Phase {
+    let serving = pods.iter().any(|p| p.metadata.deletion_timestamp.is_none() && super::status::is_ready(p));
+    if recorded == Some(Stage::Sleeping) {
+        // A frozen pod may still read ready for a moment, and fails its probe
+        // after that by design: asleep is what the status says.
+        Phase::Asleep
+    } else if serving {
+        Phase::Serving
+    } else {
+        Phase::Starting
+    }
+}
+
+/// When the Space last began to serve, as its status records it: `readySince`,
+/// else (a status written before that field, or by an operator whose CRD
+/// lacks it) the time its `Ready` condition turned true, while it is true.
+pub fn recorded_ready_since(status: Option<&SpaceStatus>) -> Option<Timestamp> {
+    let status = status?;
+    let ready = || status.conditions.iter().find(|c| c.type_ == super::status::READY && c.status == "True");
+    status.ready_since.as_ref().or_else(|| ready().map(|c| &c.last_transition_time)).map(|t| t.0)
+}
+
+/// When the Space last began to serve (`status.readySince`): kept while it
+/// serves or sleeps, `now` when it begins to serve after a start or wake.
+pub fn ready_since(
+    phase: Phase,
+    recorded_stage: Option<Stage>,
+    recorded: Option<Timestamp>,
+    now: Timestamp,
+) -> Option<Timestamp> {
+    let was_serving = recorded_stage.is_some_and(Stage::is_serving);
+    match (phase, recorded) {
+        (Phase::Serving, Some(since)) if was_serving => Some(since),
+        (Phase::Serving, _) => Some(now),
+        (Phase::Asleep | Phase::Starting, recorded) => recorded,
+    }
+}
+
+/// The moment a Space's idle time counts from: its last activity, but never
+/// before it began to serve after its last start or wake, so a first start
+/// (image pull, model load) longer than its idle times does not put it to
+/// sleep before anyone could use it. While it has not served yet, the clock
+/// waits for its startup timeout: a Space that never serves still sleeps.
+pub fn idle_since(
+    phase: Phase,
+    last_activity: Option<Timestamp>,
+    ready_since: Option<Timestamp>,
+    startup_timeout: Duration,
+) -> Option<Timestamp> {
+    match phase {
+        Phase::Asleep | Phase::Serving => last_activity.max(ready_since),
+        Phase::Starting => {
+            let timeout = SignedDuration::try_from(startup_timeout).unwrap_or(SignedDuration::MAX);
+            last_activity.map(|a| a.checked_add(timeout).unwrap_or(Timestamp::MAX))
+        }
     }
 }
 
@@ -217,6 +287,107 @@ mod tests {
         let stopped = Tier { tier: Some(SleepTier::Stopped), ..tier };
         assert_eq!(status(&stopped, &pods).and_then(|s| s.memory_bytes), None);
         assert_eq!(status(&Tier { tier: None, since: None, recheck_in: None }, &pods), None);
+    }
+
+    fn ready_pod(ready: bool) -> Pod {
+        Pod {
+            status: Some(k8s_openapi::api::core::v1::PodStatus {
+                conditions: Some(vec![k8s_openapi::api::core::v1::PodCondition {
+                    type_: "Ready".into(),
+                    status: if ready { "True" } else { "False" }.into(),
+                    ..Default::default()
+                }]),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn the_phase_comes_from_the_recorded_stage_and_ready_pods() {
+        let (ready, starting) = ([ready_pod(true)], [ready_pod(false)]);
+        assert_eq!(phase(Some(Stage::AppStarting), &ready), Phase::Serving);
+        assert_eq!(phase(None, &ready), Phase::Serving);
+        assert_eq!(phase(Some(Stage::Running), &starting), Phase::Starting);
+        assert_eq!(phase(Some(Stage::Building), &[]), Phase::Starting);
+        // Frozen: its pod may read ready or not; asleep either way.
+        assert_eq!(phase(Some(Stage::Sleeping), &ready), Phase::Asleep);
+        assert_eq!(phase(Some(Stage::Sleeping), &[]), Phase::Asleep);
+        let mut going = ready_pod(true);
+        going.metadata.deletion_timestamp = Some(Time(at(0)));
+        assert_eq!(phase(Some(Stage::Running), &[going]), Phase::Starting, "a terminating pod serves no more");
+    }
+
+    #[test]
+    fn ready_since_is_the_start_of_serving_kept_while_asleep() {
+        let now = at(50);
+        // Began to serve now (first start, or after a wake).
+        assert_eq!(ready_since(Phase::Serving, Some(Stage::AppStarting), None, now), Some(now));
+        assert_eq!(ready_since(Phase::Serving, Some(Stage::Sleeping), Some(at(1)), now), Some(now));
+        // Serving on: kept.
+        assert_eq!(ready_since(Phase::Serving, Some(Stage::Running), Some(at(1)), now), Some(at(1)));
+        assert_eq!(ready_since(Phase::Serving, Some(Stage::RunningBuilding), Some(at(1)), now), Some(at(1)));
+        // A status from before this field: from now.
+        assert_eq!(ready_since(Phase::Serving, Some(Stage::Running), None, now), Some(now));
+        // Asleep or starting: kept.
+        assert_eq!(ready_since(Phase::Asleep, Some(Stage::Sleeping), Some(at(1)), now), Some(at(1)));
+        assert_eq!(ready_since(Phase::Starting, Some(Stage::AppStarting), Some(at(1)), now), Some(at(1)));
+    }
+
+    #[test]
+    fn ready_since_falls_back_to_the_ready_condition() {
+        use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+        let ready = |status: &str| Condition {
+            type_: "Ready".into(),
+            status: status.into(),
+            reason: String::new(),
+            message: String::new(),
+            last_transition_time: Time(at(5)),
+            observed_generation: None,
+        };
+        let mut s = SpaceStatus { conditions: vec![ready("True")], ..Default::default() };
+        assert_eq!(recorded_ready_since(Some(&s)), Some(at(5)), "serving since its Ready condition turned true");
+        s.ready_since = Some(Time(at(3)));
+        assert_eq!(recorded_ready_since(Some(&s)), Some(at(3)));
+        let asleep = SpaceStatus { conditions: vec![ready("False")], ..Default::default() };
+        assert_eq!(recorded_ready_since(Some(&asleep)), None);
+        assert_eq!(recorded_ready_since(None), None);
+    }
+
+    #[test]
+    fn idle_time_counts_from_readiness() {
+        let times =
+            Some(SleepTimes { freeze_after: Some(Duration::from_secs(3)), stop_after: Some(Duration::from_secs(15)) });
+        let startup = Duration::from_secs(180);
+        let created = Some(at(0));
+        // Its first start takes 60 s, far past its freeze and stop times: not asleep before it served.
+        for t in [4, 16, 60] {
+            let since = idle_since(Phase::Starting, created, None, startup);
+            assert_eq!(decide_tier(since, times, at(t)).tier, None, "at {t} s, still starting");
+        }
+        // Ready at 60 s: awake until 63 s, frozen then, stopped at 75 s.
+        let since = idle_since(Phase::Serving, created, Some(at(60)), startup);
+        assert_eq!(since, Some(at(60)));
+        assert_eq!(decide_tier(since, times, at(62)).tier, None);
+        let frozen = decide_tier(since, times, at(64));
+        assert_eq!((frozen.tier, frozen.since), (Some(SleepTier::Frozen), Some(at(63))));
+        // Asleep, the same clock: the same freeze decision, then stopped.
+        let asleep = idle_since(Phase::Asleep, created, Some(at(60)), startup);
+        assert_eq!(decide_tier(asleep, times, at(70)).freeze_decision(), frozen.freeze_decision());
+        assert!(decide_tier(asleep, times, at(75)).stopped());
+        // Woken by a request (a renewed Lease): awake, then the clock waits for readiness again.
+        let woken = idle_since(Phase::Asleep, Some(at(100)), Some(at(60)), startup);
+        assert_eq!(decide_tier(woken, times, at(100)).tier, None);
+        let restarting = idle_since(Phase::Starting, Some(at(100)), Some(at(60)), startup);
+        assert_eq!(decide_tier(restarting, times, at(130)).tier, None, "a slow wake is not put back to sleep");
+        // Traffic later than readiness counts as usual.
+        assert_eq!(idle_since(Phase::Serving, Some(at(90)), Some(at(60)), startup), Some(at(90)));
+        // A Space that never serves sleeps once its startup timeout has passed too.
+        assert_eq!(
+            decide_tier(idle_since(Phase::Starting, created, None, startup), times, at(184)).tier,
+            Some(SleepTier::Frozen)
+        );
+        assert_eq!(idle_since(Phase::Starting, None, None, startup), None);
     }
 
     fn at(s: i64) -> Timestamp {

@@ -67,7 +67,7 @@ pub struct Facts<'a> {
     pub now: Timestamp,
 }
 
-fn is_ready(pod: &Pod) -> bool {
+pub(crate) fn is_ready(pod: &Pod) -> bool {
     pod.status
         .as_ref()
         .and_then(|s| s.conditions.as_ref())
@@ -206,6 +206,9 @@ pub fn derive(facts: &Facts) -> SpaceStatus {
         build: facts.build_record.clone(),
         sleep: if stage == Stage::Sleeping { facts.sleep.clone() } else { None },
         token_hmac: facts.token_hmac.clone(),
+        // The build side's record and the idle clock's start: the reconciler sets them.
+        built: None,
+        ready_since: None,
     }
 }
 

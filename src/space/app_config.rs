@@ -8,7 +8,7 @@ use super::custom_headers;
 use super::duration;
 use super::front_matter::FrontMatter;
 use super::hardware::{self, Flavor};
-use super::resource::{Sdk, SpaceSpec};
+use super::resource::{BuiltConfig, Sdk, SpaceSpec};
 use super::sleep_tier::FreezeAfter;
 
 pub const DEFAULT_PYTHON_VERSION: &str = "3.10";
@@ -175,6 +175,45 @@ impl AppConfig {
     }
 }
 
+impl AppConfig {
+    /// What of this configuration came with the build, for `status.built`.
+    pub fn built(&self) -> BuiltConfig {
+        BuiltConfig {
+            sdk: self.sdk,
+            sdk_version: self.sdk_version.clone(),
+            python_version: self.python_version.clone(),
+            app_file: self.app_file.clone(),
+            app_port: self.app_port,
+            base_path: self.base_path.clone(),
+            startup_timeout_seconds: self.startup_timeout.as_secs(),
+            title: self.title.clone(),
+            custom_headers: self.custom_headers.clone(),
+            preload_from_hub: self.preload_from_hub.clone(),
+        }
+    }
+
+    /// The configuration of a recorded build, with the spec's runtime fields
+    /// applied as [`AppConfig::with_runtime_spec`] does: what the build gave.
+    pub fn from_built(built: &BuiltConfig, spec: &SpaceSpec) -> Result<Self, ConfigError> {
+        let runtime = runtime_spec(spec)?;
+        Ok(AppConfig {
+            sdk: built.sdk,
+            sdk_version: built.sdk_version.clone(),
+            python_version: built.python_version.clone(),
+            app_file: built.app_file.clone(),
+            app_port: built.app_port,
+            base_path: built.base_path.clone(),
+            flavor: runtime.flavor,
+            sleep_after: runtime.sleep_after,
+            freeze_after: runtime.freeze_after,
+            startup_timeout: runtime.startup_timeout.unwrap_or(Duration::from_secs(built.startup_timeout_seconds)),
+            title: built.title.clone(),
+            custom_headers: built.custom_headers.clone(),
+            preload_from_hub: built.preload_from_hub.clone(),
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -254,6 +293,31 @@ mod tests {
         assert_eq!(now.app_port, built.app_port);
         let bad = SpaceSpec { hardware: "nope".into(), ..git_spec() };
         assert_eq!(built.with_runtime_spec(&bad).expect_err("unknown flavor").field, "spec.hardware");
+    }
+
+    #[test]
+    fn a_recorded_build_gives_back_its_configuration() {
+        let fm = FrontMatter {
+            sdk: Some(Sdk::Gradio),
+            title: Some("Demo".into()),
+            base_path: Some("/ui".into()),
+            startup_duration_timeout: Some("1h".into()),
+            custom_headers: BTreeMap::from([("x-a".to_owned(), "b".to_owned())]),
+            preload_from_hub: vec!["org/model".into()],
+            ..Default::default()
+        };
+        let built = resolve(&git_spec(), Some(&fm)).expect("valid");
+        let record: BuiltConfig =
+            serde_json::from_value(serde_json::to_value(built.built()).expect("serializes")).expect("reads back");
+        assert_eq!(AppConfig::from_built(&record, &git_spec()).expect("valid"), built);
+        // The spec's runtime fields apply on top, as after a build.
+        let spec = SpaceSpec { hardware: "t4-small".into(), startup_timeout: Some("5m".into()), ..git_spec() };
+        assert_eq!(
+            AppConfig::from_built(&record, &spec).expect("valid"),
+            built.clone().with_runtime_spec(&spec).expect("valid")
+        );
+        let bad = SpaceSpec { hardware: "nope".into(), ..git_spec() };
+        assert_eq!(AppConfig::from_built(&record, &bad).expect_err("unknown flavor").field, "spec.hardware");
     }
 
     #[test]

@@ -16,7 +16,7 @@ pub use app_config::{AppConfig, ConfigError, resolve};
 pub use front_matter::{FrontMatter, FrontMatterError};
 pub use hardware::Flavor;
 pub use resource::{
-    BuildStatus, GitSource, HardwareStatus, ReplicaStatus, Sdk, SecretKeyRef, SleepStatus, Space, SpaceSecret,
-    SpaceSpec, SpaceStatus, Stage, Visibility, crd_yaml,
+    BuildStatus, BuiltConfig, BuiltStatus, GitSource, HardwareStatus, ReplicaStatus, Sdk, SecretKeyRef, SleepStatus,
+    Space, SpaceSecret, SpaceSpec, SpaceStatus, Stage, Visibility, crd_yaml,
 };
 pub use sleep_tier::{FreezeAfter, SleepPolicy, SleepTier, SleepTimes};

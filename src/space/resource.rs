@@ -259,6 +259,52 @@ pub struct SpaceStatus {
     /// what the proxy checks requests against: it reads no Secret.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub token_hmac: Option<String>,
+    /// The last successful build of a source Space.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub built: Option<BuiltStatus>,
+    /// When the Space last began to serve, after its start or a wake: its
+    /// idle time counts from then at the earliest (kept while it sleeps).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ready_since: Option<Time>,
+}
+
+/// The last successful build of a source Space: what it runs while a newer
+/// build runs or has failed, and what a restarted (or newly elected) operator
+/// takes up instead of building the same inputs again.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct BuiltStatus {
+    /// Digest of the build inputs the image was made from: source, pushed
+    /// commit, SDK and the spec fields that change the image.
+    pub inputs: String,
+    /// The image, pinned by digest.
+    pub image: String,
+    /// The commit built.
+    pub revision: String,
+    /// The configuration the build resolved from the repository's README
+    /// front matter and the spec (the spec's runtime fields apply on top).
+    pub config: BuiltConfig,
+}
+
+/// The part of a Space's configuration that comes with its build.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct BuiltConfig {
+    pub sdk: Sdk,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sdk_version: Option<String>,
+    pub python_version: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub app_file: Option<String>,
+    pub app_port: u16,
+    pub base_path: String,
+    pub startup_timeout_seconds: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub title: Option<String>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub custom_headers: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub preload_from_hub: Vec<String>,
 }
 
 /// The sleep of a `SLEEPING` Space.

@@ -415,7 +415,8 @@ pub fn pinned_k8s_version() -> String {
 
 /// Builds (classic builder) a tiny Python web app `FROM` the local Python base
 /// image: a threading `http.server` on 7860 serving an index.html containing
-/// `marker`. Its listen backlog is 128, not `python3 -m http.server`'s 5: a
+/// `marker`, listening `START_DELAY` seconds (env, default 0) after it starts
+/// (a slow first start: a model load, say). Its listen backlog is 128, not `python3 -m http.server`'s 5: a
 /// burst of connections to a just-woken app (what the proxy tests send)
 /// would otherwise overflow it and stall in SYN retries on a loaded machine,
 /// which no real app server (uvicorn, gradio: 2048) does.
@@ -425,7 +426,8 @@ pub fn build_python_app(env: &TestEnv, tag: &str, marker: &str) {
         dir.path().join("Dockerfile"),
         format!(
             "FROM {}\nWORKDIR /app\nCOPY index.html /app/index.html\nEXPOSE 7860\n\
-             CMD [\"python3\", \"-c\", \"import http.server as h, functools as f; \
+             CMD [\"python3\", \"-c\", \"import http.server as h, functools as f, os, time; \
+             time.sleep(float(os.environ.get('START_DELAY', '0'))); \
              h.ThreadingHTTPServer.request_queue_size = 128; \
              h.ThreadingHTTPServer(('0.0.0.0', 7860), f.partial(h.SimpleHTTPRequestHandler, directory='/app')).serve_forever()\"]\n",
             env.python_image
