@@ -302,7 +302,7 @@ mod tests {
             title: Some("Demo".into()),
             base_path: Some("/ui".into()),
             startup_duration_timeout: Some("1h".into()),
-            custom_headers: BTreeMap::from([("x-a".to_owned(), "b".to_owned())]),
+            custom_headers: BTreeMap::from([("cross-origin-opener-policy".to_owned(), "same-origin".to_owned())]),
             preload_from_hub: vec!["org/model".into()],
             ..Default::default()
         };
