@@ -27,9 +27,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use hangar::space::naming::SPACE_LABEL;
+use hangar::space::naming::{SPACE_LABEL, workload_name};
 use hangar::space::{Space, Stage};
 use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::Pod;
 use kube::Api;
 use kube::api::ListParams;
@@ -98,6 +99,10 @@ async fn wait_running(spaces: &Api<Space>, name: &str, revision: &str) -> Space 
         Ok((stage == Stage::Running && built == Some(revision)).then_some(space))
     })
     .await
+}
+
+async fn deployment_generation(deployments: &Api<Deployment>) -> Option<i64> {
+    deployments.get(&workload_name(SPACE)).await.expect("the Space's Deployment").metadata.generation
 }
 
 async fn space_pods(ns: &TestNamespace) -> Vec<Pod> {
@@ -294,6 +299,59 @@ async fn the_charts_own_pods_build_a_space_from_git_serve_it_and_roll_it_out() {
     assert_ne!(rolled.status.as_ref().and_then(|s| s.image.clone()), Some(built), "a new image");
     let v2 = gradio_client(&format!("http://{proxy}/spaces/{n}/{SPACE}/"), 2, DOMAIN, proxy_ip).await;
     assert_eq!(v2.greet, "Hello e2e, from a Space on hangar, v2!");
+
+    // Failover (operator.replicas 2): the leading operator pod is deleted while a client
+    // sends without pause. The standby takes the lead and finds the Space's build in the
+    // cluster: no request fails, the Space keeps its pod, nothing is rebuilt or scaled.
+    let leases: Api<Lease> = ns.api();
+    let holder = || async {
+        let lease = leases.get("hangar-operator-leader").await?;
+        Ok::<_, support::Error>(lease.spec.and_then(|s| s.holder_identity).filter(|h| !h.is_empty()))
+    };
+    let leader = holder().await.expect("leader lease").expect("a leader");
+    let recorded = spaces.get(SPACE).await.expect("space").status.and_then(|s| s.built).map(|b| b.revision);
+    assert_eq!(recorded.as_deref(), Some(second.as_str()), "status.built (pruned by an older CRD?)");
+    let serving = space_pods(&ns).await;
+    assert_eq!(serving.len(), 1, "one pod");
+    let (pod_uid, build) = (serving[0].metadata.uid.clone(), rolled.status.as_ref().and_then(|s| s.build.clone()));
+    let generation = deployment_generation(&deployments).await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let (sent, steady) = steady_client(&proxy, format!("{n}-{SPACE}.{DOMAIN}"), stop.clone());
+    let deleted = Instant::now();
+    run_ok(ns.kubectl().args(["delete", "pod", &leader, "--wait=false"]));
+    let successor = wait_for("the standby operator leading", Duration::from_secs(120), || async {
+        Ok(holder().await?.filter(|h| *h != leader))
+    })
+    .await;
+    let successor_ip = wait_for("the new leader's pod IP", Duration::from_secs(30), || async {
+        Ok(pods.get(&successor).await?.status.and_then(|s| s.pod_ip))
+    })
+    .await;
+    // Once the new leader has reconciled both Spaces (its gauge counts them RUNNING), whatever
+    // it was going to do to them is done or under way: watch a little longer, then compare.
+    let metrics = format!("http://{successor_ip}:8080/metrics");
+    wait_for("the new leader reconciling the Spaces", Duration::from_secs(120), || async {
+        let text = support::http_client().get(&metrics).send().await?.text().await?;
+        let running = text
+            .lines()
+            .find(|l| l.starts_with("hangar_operator_spaces{stage=\"RUNNING\"}"))
+            .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok());
+        Ok((running == Some(2.0)).then_some(()))
+    })
+    .await;
+    eprintln!("leader pod deleted -> {successor} leading and reconciled: {:.1}s", deleted.elapsed().as_secs_f64());
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    stop.store(true, Ordering::Relaxed);
+    let failures = steady.await.expect("steady client");
+    let total = sent.load(Ordering::Relaxed);
+    eprintln!("failover: {total} requests through the proxy pod, {} failed", failures.len());
+    assert!(failures.is_empty(), "{} of {total} requests failed during the failover: {failures:?}", failures.len());
+    let serving = space_pods(&ns).await;
+    assert_eq!(serving.iter().map(|p| p.metadata.uid.clone()).collect::<Vec<_>>(), vec![pod_uid], "the same pod");
+    assert_eq!(deployment_generation(&deployments).await, generation, "the Space's Deployment was not changed");
+    let after = spaces.get(SPACE).await.expect("space").status;
+    assert_eq!(after.as_ref().and_then(|s| s.build.clone()), build, "no new build");
+    assert_eq!(after.and_then(|s| s.stage), Some(Stage::Running));
 
     // The chart's RBAC let every component do what it tried.
     for component in ["operator", "proxy", "webhook"] {
